@@ -1,0 +1,127 @@
+"""Gin parsing for cmkd: include resolution, friendly errors, isolated configs."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import gin
+
+from cmkd.registry import REGISTRIES
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+_UNKNOWN_REF = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+)'")
+
+
+class ConfigError(ValueError):
+    """A gin file or binding is wrong; the message names the file and line."""
+
+
+def recipes_dir() -> Path:
+    """The folder of shipped recipes (``gin/`` next to the package, or $CMKD_GIN_DIR)."""
+    env = os.environ.get("CMKD_GIN_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "gin"
+
+
+def resolve_recipe(path: str) -> Path:
+    """A gin file as given, or relative to the shipped recipes (`cmkd run demo.gin`)."""
+    for candidate in (Path(path), recipes_dir() / path, recipes_dir() / Path(path).name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(
+        f"gin file {path!r} not found (looked in {Path.cwd()} and {recipes_dir()}); "
+        f"pass a path to a .gin file, e.g. gin/demo.gin"
+    )
+
+
+def _search_paths(files: Sequence[Path]) -> list[Path]:
+    """Folders includes may be relative to: each file's folder (recursively) and gin/."""
+    seen: list[Path] = [recipes_dir()]
+    todo = list(files)
+    while todo:
+        file = todo.pop()
+        if file.parent not in seen:
+            seen.append(file.parent)
+        try:
+            text = file.read_text()
+        except OSError:
+            continue
+        for inc in _INCLUDE.findall(text):
+            for base in (file.parent, recipes_dir()):
+                if (base / inc).is_file():
+                    todo.append((base / inc).resolve())
+                    break
+    return seen
+
+
+def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
+    """Parse gin files then ``-b`` bindings into the global config; returns the config text.
+
+    Components must already be registered (see :func:`cmkd.components.load_all`).
+    """
+    paths = [resolve_recipe(str(f)) for f in files]
+    for folder in _search_paths(paths):
+        if str(folder) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - no public getter
+            gin.add_config_file_search_path(str(folder))
+    try:
+        for path in paths:
+            gin.parse_config_file(str(path))
+    except (ValueError, TypeError, IOError, SyntaxError) as err:
+        raise ConfigError(_explain(err)) from None
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except (ValueError, TypeError, SyntaxError) as err:
+            raise ConfigError(f"in --bind {binding!r}: {_explain(err)}") from None
+    return gin.config_str()
+
+
+def _explain(err: BaseException) -> str:
+    """gin's message already names file and line; add close matches for unknown names."""
+    msg = str(err)
+    match = _UNKNOWN_REF.search(msg)
+    if match:
+        name = match.group(1)
+        close = difflib.get_close_matches(name, known_selectors(), n=3, cutoff=0.6)
+        if close:
+            msg += f"\nDid you mean: {', '.join('@' + c for c in close)}?"
+        msg += "\nRun `cmkd registry` to list every component (plugins included)."
+    return msg
+
+
+def known_selectors() -> list[str]:
+    names = [f"{kind}.{name}" for kind, reg in REGISTRIES.items() for name in reg]
+    return names + ["classifier", "frontend", "train", "experiment"]
+
+
+@contextlib.contextmanager
+def isolated(config_text: str, scope: str | None = None) -> Iterator[None]:
+    """Parse ``config_text`` into a fresh gin state for the block, then restore the caller's.
+
+    Lets one process rebuild a model from a checkpoint's own config (a teacher, an ensemble
+    member) while another experiment's config is active.
+    """
+    cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
+    saved = (
+        {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001
+        set(cfg._IMPORTS),  # noqa: SLF001
+        {k: dict(v) for k, v in cfg._OPERATIVE_CONFIG.items()},  # noqa: SLF001
+        dict(cfg._SINGLETONS),  # noqa: SLF001
+    )
+    try:
+        with gin.unlock_config():
+            gin.clear_config()
+            gin.parse_config(config_text)
+        with gin.config_scope(None), gin.config_scope(scope):
+            yield
+    finally:
+        with gin.unlock_config():
+            gin.clear_config()
+            cfg._CONFIG.update(saved[0])  # noqa: SLF001
+            cfg._IMPORTS.update(saved[1])  # noqa: SLF001
+            cfg._OPERATIVE_CONFIG.update(saved[2])  # noqa: SLF001
+            cfg._SINGLETONS.update(saved[3])  # noqa: SLF001

@@ -1,0 +1,65 @@
+"""Self-describing checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists, so ``torch.load(...,
+weights_only=True)`` reads it and nothing in it can run code. It carries everything needed
+to rebuild the model without the run folder: classes, featurizer settings (in the gin
+config), normalization, the stage scope and the cmkd version.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import Any
+
+import torch
+
+import cmkd
+from cmkd import storage
+
+FORMAT = "cmkd-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not a cmkd checkpoint."""
+
+
+def save(url: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``url`` all-or-nothing (never a half-written ``last.pt``)."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "cmkd_version": cmkd.__version__, **payload}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def load(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; every failure says which file and what to do."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"no checkpoint at {url}: train that stage first (cmkd run ...), or check the path"
+        ) from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{url} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"delete it to fall back to an earlier checkpoint, or retrain the stage"
+        ) from None
+    except Exception as err:  # weights_only refuses anything that is not plain data
+        raise CheckpointError(f"{url} cannot be read safely with weights_only=True: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{url} is not a cmkd checkpoint (no '{FORMAT}' marker); "
+            f"pass a file written by `cmkd run` (runs/<experiment>/<stage>/checkpoints/best.pt)"
+        )
+    return payload
+
+
+def stage_checkpoint(stage_dir: str, which: str = "best") -> str:
+    """The checkpoint a later stage should use: ``best``, ``last`` or ``averaged``."""
+    if which not in ("best", "last", "averaged"):
+        raise ValueError(f"checkpoint choice {which!r} is not one of best, last, averaged")
+    return storage.join(stage_dir, "checkpoints", f"{which}.pt")
