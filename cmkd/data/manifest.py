@@ -1,0 +1,305 @@
+"""``dataset.json``: what a prepared dataset holds and where its shards are.
+
+A dataset is a folder (local path or any fsspec URL) with ``dataset.json`` and tar shards.
+The manifest names the shards of each split by a brace pattern relative to the root, e.g.
+``train-{000000..000127}.tar``, so it stays valid when the folder is copied to a bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+MANIFEST_NAME = "dataset.json"
+
+
+class ManifestError(ValueError):
+    """``dataset.json`` is missing or malformed; the message names the URL and the field."""
+
+
+@dataclass(frozen=True)
+class Norm:
+    """Global mean and std of the training split's fbank values, used as (x - mean) / (2 std)."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: a brace pattern of shard names relative to the root and its sample count."""
+
+    shards: str
+    samples: int
+    # The most labels any clip of the split carries; bounds the balanced-sampling weight.
+    max_labels: int | None = None
+
+
+@dataclass
+class Manifest:
+    name: str
+    classes: list[str]
+    multilabel: bool
+    sample_rate: int
+    clip_seconds: float
+    splits: dict[str, Split]
+    norm: Norm | None = None
+    label_counts: dict[str, list[int]] | None = None
+    root: str | None = field(default=None, compare=False)  # set by load/save, not stored
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    def shard_urls(self, split: str, root: str | None = None) -> list[str]:
+        """Absolute shard URLs of ``split`` under ``root`` (default: where it was loaded from)."""
+        base = root if root is not None else self.root
+        if base is None:
+            raise ManifestError(
+                f"manifest {self.name!r}: shard_urls({split!r}) needs a root; pass root= or use Manifest.load(url)"
+            )
+        if split not in self.splits:
+            raise ManifestError(
+                f"manifest {self.name!r} at {base}: no split {split!r}; it has {sorted(self.splits)}. "
+                f"Pick one of those or re-run `cmkd prepare` with that split"
+            )
+        return [join_url(base, name) for name in brace_expand(self.splits[split].shards)]
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self, where: str | None = None) -> None:
+        """Raise ManifestError naming the first bad field."""
+        loc = where or self.root or f"manifest {self.name!r}"
+
+        def bad(fieldname: str, problem: str) -> ManifestError:
+            return ManifestError(f"{loc}: field {fieldname!r} {problem}; fix dataset.json or re-run `cmkd prepare`")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise bad("name", "must be a non-empty string")
+        if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise bad("classes", "must be a non-empty list of strings")
+        if len(set(self.classes)) != len(self.classes):
+            dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            raise bad("classes", f"has duplicates {dupes[:5]}")
+        if not isinstance(self.multilabel, bool):
+            raise bad("multilabel", f"must be true or false, got {self.multilabel!r}")
+        if not isinstance(self.sample_rate, int) or isinstance(self.sample_rate, bool) or self.sample_rate <= 0:
+            raise bad("sample_rate", f"must be a positive integer, got {self.sample_rate!r}")
+        if not isinstance(self.clip_seconds, (int, float)) or not math.isfinite(self.clip_seconds) or self.clip_seconds <= 0:
+            raise bad("clip_seconds", f"must be a positive number, got {self.clip_seconds!r}")
+        if not isinstance(self.splits, dict) or not self.splits:
+            raise bad("splits", "must map at least one split name to {shards, samples}")
+        for name, split in self.splits.items():
+            if not isinstance(split, Split):
+                raise bad(f"splits.{name}", "must be an object {shards, samples}")
+            if not isinstance(split.shards, str) or not split.shards:
+                raise bad(f"splits.{name}.shards", "must be a non-empty brace pattern like 'train-{000000..000003}.tar'")
+            try:
+                brace_expand(split.shards)
+            except ValueError as err:
+                raise bad(f"splits.{name}.shards", str(err)) from None
+            if not isinstance(split.samples, int) or split.samples < 0:
+                raise bad(f"splits.{name}.samples", f"must be a non-negative integer, got {split.samples!r}")
+            if split.max_labels is not None and (not isinstance(split.max_labels, int) or split.max_labels < 0):
+                raise bad(f"splits.{name}.max_labels", f"must be a non-negative integer, got {split.max_labels!r}")
+        if self.norm is not None:
+            if not isinstance(self.norm, Norm) or not all(isinstance(v, (int, float)) for v in (self.norm.mean, self.norm.std)):
+                raise bad("norm", "must be {mean: number, std: number}")
+            if not math.isfinite(self.norm.mean) or not math.isfinite(self.norm.std) or self.norm.std <= 0:
+                raise bad("norm", f"needs a finite mean and a positive std, got {self.norm}")
+        for split_name, counts in (self.label_counts or {}).items():
+            if split_name not in self.splits:
+                raise bad(f"label_counts.{split_name}", f"names a split that is not in splits {sorted(self.splits)}")
+            if not isinstance(counts, list) or len(counts) != len(self.classes):
+                raise bad(f"label_counts.{split_name}", f"must list one count per class ({len(self.classes)})")
+            if not all(isinstance(c, int) and c >= 0 for c in counts):
+                raise bad(f"label_counts.{split_name}", "must hold non-negative integers")
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "classes": list(self.classes),
+            "multilabel": self.multilabel,
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "splits": {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None} for k, v in self.splits.items()},
+            "norm": asdict(self.norm) if self.norm is not None else None,
+        }
+        if self.label_counts is not None:
+            out["label_counts"] = {k: list(v) for k, v in self.label_counts.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "dataset.json") -> "Manifest":
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected a JSON object at the top level; re-run `cmkd prepare`")
+        required = ("name", "classes", "multilabel", "sample_rate", "clip_seconds", "splits")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {missing}; re-run `cmkd prepare` to rewrite dataset.json")
+        splits_raw = data["splits"]
+        if not isinstance(splits_raw, dict):
+            raise ManifestError(f"{where}: field 'splits' must be an object; re-run `cmkd prepare`")
+        splits: dict[str, Split] = {}
+        for name, raw in splits_raw.items():
+            if not isinstance(raw, dict) or "shards" not in raw or "samples" not in raw:
+                raise ManifestError(f"{where}: field 'splits.{name}' must be {{shards, samples}}; re-run `cmkd prepare`")
+            splits[name] = Split(raw["shards"], raw["samples"], raw.get("max_labels"))
+        norm_raw = data.get("norm")
+        if norm_raw is not None and (not isinstance(norm_raw, dict) or {"mean", "std"} - set(norm_raw)):
+            raise ManifestError(f"{where}: field 'norm' must be {{mean, std}} or null; run `cmkd stats` to recompute it")
+        try:
+            norm = Norm(float(norm_raw["mean"]), float(norm_raw["std"])) if norm_raw is not None else None
+        except (TypeError, ValueError):
+            raise ManifestError(f"{where}: field 'norm' needs numbers, got {norm_raw!r}; run `cmkd stats`") from None
+        # Built field by field (not via __init__) so validation errors name the URL, not just the name.
+        manifest = cls.__new__(cls)
+        manifest.name, manifest.classes, manifest.multilabel = data["name"], data["classes"], data["multilabel"]
+        manifest.sample_rate, manifest.clip_seconds = data["sample_rate"], data["clip_seconds"]
+        manifest.splits, manifest.norm, manifest.label_counts = splits, norm, data.get("label_counts")
+        manifest.root = None
+        manifest.validate(where)
+        return manifest
+
+    @classmethod
+    def load(cls, root_url: str, *, storage_options: dict[str, Any] | None = None) -> "Manifest":
+        """Read ``<root_url>/dataset.json`` through fsspec."""
+        root = normalize_root(root_url)
+        url = join_url(root, MANIFEST_NAME)
+        try:
+            with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{url}: no dataset manifest here. Point at a folder written by `cmkd prepare` "
+                f"(run `cmkd prepare RECIPE SRC {root}` to create one)"
+            ) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{url}: not valid JSON ({err}); re-run `cmkd prepare` to rewrite it") from None
+        manifest = cls.from_dict(data, where=url)
+        manifest.root = root
+        return manifest
+
+    def save(self, root_url: str, *, storage_options: dict[str, Any] | None = None) -> str:
+        """Write ``<root_url>/dataset.json`` (atomically on local disk) and return its URL."""
+        self.validate()
+        root = normalize_root(root_url)
+        url = join_url(root, MANIFEST_NAME)
+        payload = json.dumps(self.to_dict(), indent=2).encode("utf-8")
+        write_bytes_atomic(url, payload, storage_options=storage_options)
+        self.root = root
+        return url
+
+
+# -- URL helpers --------------------------------------------------------------------------------
+def normalize_root(root_url: str) -> str:
+    """Strip trailing slashes; make plain local paths absolute so workers agree on them."""
+    root = str(root_url).rstrip("/") or "/"
+    if "://" not in root:
+        root = os.path.abspath(os.path.expanduser(root))
+    return root
+
+
+def join_url(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def write_bytes_atomic(url: str, payload: bytes, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Local: temp file + rename so readers never see half a file. Object stores: one put is atomic."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fsspec.open(url, "wb", **(storage_options or {})) as f:
+            f.write(payload)
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """Expand ``a-{000..002}.tar`` and ``{x,y}.tar`` (nested and repeated braces allowed)."""
+    start = pattern.find("{")
+    if start < 0:
+        if "}" in pattern:
+            raise ValueError(f"unbalanced '}}' in shard pattern {pattern!r}")
+        return [pattern]
+    depth, end = 0, -1
+    for i in range(start, len(pattern)):
+        if pattern[i] == "{":
+            depth += 1
+        elif pattern[i] == "}":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+    if end < 0:
+        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    match = _RANGE.match(body)
+    if match:
+        lo_s, hi_s = match.groups()
+        lo, hi = int(lo_s), int(hi_s)
+        if hi < lo:
+            raise ValueError(f"descending range {{{body}}} in shard pattern {pattern!r}")
+        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
+        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    else:
+        options = _split_top_level(body)
+    tails = brace_expand(tail)
+    return [h + t for opt in options for h in brace_expand(head + opt) for t in tails]
+
+
+def _split_top_level(body: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in body:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch == "{"
+        depth -= ch == "}"
+        cur += ch
+    parts.append(cur)
+    return parts
+
+
+def shard_pattern(prefix: str, count: int, *, width: int = 6, suffix: str = ".tar") -> str:
+    """``prefix-{000000..00000N}.tar`` for ``count`` shards (a plain name for one shard)."""
+    if count <= 0:
+        raise ValueError(f"shard_pattern: count must be positive, got {count}")
+    if count == 1:
+        return f"{prefix}-{0:0{width}d}{suffix}"
+    return f"{prefix}-{{{0:0{width}d}..{count - 1:0{width}d}}}{suffix}"

@@ -1,0 +1,239 @@
+"""Who reads what, in which order: shard resampling, balanced rejection, shuffling, and the
+torch ``IterableDataset`` streams that split the work by rank and DataLoader worker.
+
+All randomness comes from a ``numpy.random.Generator`` owned by one (rank, worker), so a
+training stream is a pure function of ``(seed, epoch, rank, worker)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+def worker_rng(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
+    """Independent stream per (seed, epoch, rank, worker); SeedSequence mixes the entropy well."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(worker)]))
+
+
+def resampled(
+    urls: Sequence[str],
+    read: Callable[[str], Iterable[T]],
+    rng: np.random.Generator,
+    *,
+    what: str = "shards",
+) -> Iterator[T]:
+    """Draw shards with replacement forever (like webdataset's ResampledShards) and chain their items.
+
+    Raises when a long run of draws yields nothing, instead of spinning forever on empty shards.
+    """
+    if not urls:
+        raise ValueError(f"resampled: no {what} to draw from; check the split's shard pattern in dataset.json")
+    empty = 0
+    while True:
+        url = urls[int(rng.integers(len(urls)))]
+        n = 0
+        for item in read(url):
+            n += 1
+            yield item
+        empty = 0 if n else empty + 1
+        if empty > 4 * len(urls) + 16:
+            raise RuntimeError(
+                f"{empty} shards drawn in a row held no samples (e.g. {url}); the split looks empty — "
+                f"re-run `cmkd prepare` or pick another split"
+            )
+
+
+def shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
+    """Shuffle through a buffer of ``size`` items (filled first, then one out per one in, drained at the end)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        out, buf[j] = buf[j], item
+        yield out
+    rng.shuffle(buf)  # type: ignore[arg-type]
+    yield from buf
+
+
+class BalancedRejection:
+    """AudioSet-style balanced sampling for a stream, by rejection.
+
+    The target distribution picks clip i with probability proportional to
+    ``w_i = sum over its labels c of 1 / count[c]`` (ast ``gen_weight_file.py``; its
+    ``1000 / (count + 0.01)`` only rescales this). A stream cannot sample an index with
+    replacement, so each worker draws shards uniformly and keeps a clip with probability
+    ``w_i / w_max``. That is exact for the clips it reads if ``w_max`` bounds every weight:
+    the default bound is the sum of the ``max_labels`` largest class weights, where
+    ``max_labels`` is the most labels any training clip has (recorded by the writer; all
+    classes if unknown). Approximations, documented: (1) shards are drawn uniformly, so the
+    mix is exact only in expectation over the shard draws; (2) a smaller ``max_labels``
+    (e.g. 1) raises the acceptance rate but caps the weight of clips with several rare
+    labels at ``w_max`` (they are still always kept, just not over-sampled further).
+    The acceptance rate is about ``(classes / samples) / w_max``; on very skewed data most
+    read clips are rejected, which costs I/O and JSON parsing but no audio decoding.
+    """
+
+    def __init__(self, label_counts: Sequence[int], max_labels: int | None = None):
+        counts = np.asarray(label_counts, dtype=np.float64)
+        if counts.ndim != 1 or counts.size == 0 or (counts < 0).any():
+            raise ValueError(f"BalancedRejection: label_counts must be non-negative per-class counts, got {label_counts!r}")
+        if not (counts > 0).any():
+            raise ValueError("BalancedRejection: every class count is 0; the training split has no labels to balance")
+        # A class never seen in training cannot occur in a training clip; weight 0 keeps the bound tight.
+        self.class_weight = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+        present = int((counts > 0).sum())
+        k = present if max_labels is None or max_labels <= 0 else min(int(max_labels), present)
+        self.max_labels = k
+        self.w_max = float(np.sort(self.class_weight)[::-1][:k].sum())
+
+    def weight(self, label_ids: Sequence[int]) -> float:
+        return float(self.class_weight[list(label_ids)].sum()) if len(label_ids) else 0.0
+
+    def accept(self, label_ids: Sequence[int], rng: np.random.Generator) -> bool:
+        return bool(rng.random() * self.w_max < self.weight(label_ids))
+
+
+# -- torch streams ---------------------------------------------------------------------------------
+Record = dict[str, Any]
+ReadShard = Callable[[str], Iterable[Record]]
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "key": [s["key"] for s in samples],
+        "wave": torch.stack([s["wave"] for s in samples]),
+        "target": torch.stack([s["target"] for s in samples]),
+    }
+
+
+def worker_slot() -> tuple[int, int]:
+    """(this worker's id, number of workers) inside a DataLoader; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless resampled shards → balanced filter → shuffle buffer → decoded, randomly cropped batches.
+
+    Each (rank, worker) yields exactly its share of ``steps`` batches, so every rank's loader
+    has ``steps`` batches no matter how many shards there are. ``decoder`` is a
+    ``stream.SampleDecoder``; its ``try_*`` methods apply the on_error policy.
+    """
+
+    def __init__(self, urls: list[str], read: ReadShard, decoder: Any, *, batch_size: int, steps: int, seed: int,
+                 epoch: int, rank: int, shuffle_buffer: int, balance: BalancedRejection | None, split_samples: int):
+        self.urls, self.read, self.decoder = urls, read, decoder
+        self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
+        self.shuffle_buffer, self.balance = shuffle_buffer, balance
+        # Give up instead of spinning when nothing is kept (p_accept >= 1/N, so this never trips by chance).
+        self.max_streak = 20 * max(1, split_samples) + 1000
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = worker_slot()
+        quota = self.steps // workers + (1 if worker < self.steps % workers else 0)
+        if quota == 0:
+            return
+        rng = worker_rng(self.seed, self.epoch, self.rank, worker)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))  # random crops
+        records = resampled(self.urls, self.read, rng)
+        samples = self._decoded(shuffled(self._parsed(records, rng), self.shuffle_buffer, rng), gen)
+        for _ in range(quota):
+            yield collate([next(samples) for _ in range(self.batch_size)])
+
+    def _parsed(self, records: Iterator[Record], rng: np.random.Generator) -> Iterator[tuple[Record, Any]]:
+        # Labels are parsed (and balanced-rejected) before decoding: rejected clips cost no decode.
+        streak = 0
+        for record in records:
+            streak += 1
+            if streak > self.max_streak:
+                raise RuntimeError(
+                    f"{streak} training records in a row were skipped or rejected (last {record['__url__']}); "
+                    f"check on_error skips and the label counts in dataset.json"
+                )
+            parsed = self.decoder.try_labels(record)
+            if parsed is None or (self.balance is not None and not self.balance.accept(parsed[1], rng)):
+                continue
+            streak = 0
+            yield record, parsed
+
+    def _decoded(self, items: Iterator[tuple[Record, Any]], gen: torch.Generator) -> Iterator[dict[str, Any]]:
+        for record, parsed in items:
+            sample = self.decoder.try_decode(record, parsed, generator=gen)
+            if sample is not None:
+                yield sample
+
+
+class EvalStream(torch.utils.data.IterableDataset):
+    """Every eval sample exactly once across ranks × workers, in a fixed order, start-cropped.
+
+    With at least as many shards as (rank, worker) slots S, slot s reads shards s, s+S, ...
+    With N < S shards it falls back to sample striding, per shard so no slot reads them all:
+    the slots s ≡ j (mod N) share shard j, and the g-th of those c_j slots keeps its records
+    g, g+c_j, ... — every record exactly once, each shard read about S/N times.
+    """
+
+    def __init__(self, urls: list[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int, world_size: int):
+        self.urls, self.read, self.decoder = urls, read, decoder
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def _records(self) -> Iterator[Record]:
+        worker, workers = worker_slot()
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        n = len(self.urls)
+        if n >= slots:
+            for url in self.urls[slot::slots]:
+                yield from self.read(url)
+            return
+        shard, group, sharers = slot % n, slot // n, len(range(slot % n, slots, n))
+        for i, record in enumerate(self.read(self.urls[shard])):
+            if i % sharers == group:
+                yield record
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        for record in self._records():
+            sample = self.decoder(record)
+            if sample is None:
+                continue
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+class Loader:
+    """A DataLoader over a stream; ``len()`` is known for training and checked after the epoch."""
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, *, num_workers: int, prefetch_factor: int,
+                 length: int | None = None, what: str = "loader"):
+        self.dataset, self.length, self.what = dataset, length, what
+        kwargs: dict[str, Any] = dict(batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                      pin_memory=torch.cuda.is_available())
+        if num_workers > 0:
+            kwargs["prefetch_factor"] = prefetch_factor
+        self.loader = torch.utils.data.DataLoader(dataset, **kwargs)
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError(f"{self.what}: the number of eval batches is not known before reading")
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = 0
+        for batch in self.loader:
+            n += 1
+            yield batch
+        if self.length is not None and n != self.length:
+            raise RuntimeError(f"{self.what}: produced {n} batches instead of {self.length}; this is a bug in cmkd.data")
