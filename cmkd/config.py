@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -68,8 +69,9 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
         if str(folder) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - no public getter
             gin.add_config_file_search_path(str(folder))
     try:
-        for path in paths:
-            gin.parse_config_file(str(path))
+        with _quiet_gin_lookups():
+            for path in paths:
+                gin.parse_config_file(str(path))
     except (ValueError, TypeError, IOError, SyntaxError) as err:
         raise ConfigError(_explain(err)) from None
     for binding in bindings:
@@ -78,6 +80,16 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
         except (ValueError, TypeError, SyntaxError) as err:
             raise ConfigError(f"in --bind {binding!r}: {_explain(err)}") from None
     return gin.config_str()
+
+
+@contextlib.contextmanager
+def _quiet_gin_lookups() -> Iterator[None]:
+    # gin logs an ERROR for every search path an include is *not* in; only real failures matter.
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _explain(err: BaseException) -> str:

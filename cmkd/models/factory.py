@@ -11,6 +11,7 @@ from torch import nn
 
 from cmkd import config
 from cmkd.models.classifier import Classifier, build_classifier
+from cmkd.models.pretrained import skip_pretrained_weights
 from cmkd.registry import call_with_context
 from cmkd.train import checkpoint
 
@@ -59,7 +60,8 @@ def load_model(url: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild featurizer + classifier from a checkpoint's own config and weights."""
     ckpt = checkpoint.load(url)
     norm = ckpt.get("norm")
-    with config.isolated(ckpt["config"], ckpt.get("stage")):
+    # The checkpoint's weights replace any ImageNet init, so never download it here.
+    with config.isolated(ckpt["config"], ckpt.get("stage")), skip_pretrained_weights():
         featurizer = build_frontend(sample_rate=ckpt["sample_rate"], dataset_norm=tuple(norm) if norm else None)
         model = build_classifier(num_classes=len(ckpt["classes"]), in_shape=tuple(featurizer.out_shape))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
