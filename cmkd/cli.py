@@ -108,6 +108,18 @@ def registry(kind: Optional[str] = typer.Argument(None, help="one kind, e.g. bac
             out.print(f"[yellow]plugin {p.name!r} ({p.module} from {p.distribution}) failed to load:[/] {p.error}")
 
 
+def _register_command_modules() -> None:
+    import importlib
+
+    from cmkd.commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(app)
+
+
+_register_command_modules()
+
+
 def main() -> None:
     app()
 
