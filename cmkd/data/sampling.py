@@ -125,52 +125,43 @@ def worker_slot() -> tuple[int, int]:
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless resampled shards → balanced filter → shuffle buffer → decoded, randomly cropped batches.
 
-    Each (rank, worker) yields exactly its share of ``steps`` batches, so every rank's loader
-    has ``steps`` batches no matter how many shards there are. ``decoder`` is a
-    ``stream.SampleDecoder``; its ``try_*`` methods apply the on_error policy.
+    Batch ``i`` of the epoch comes from *logical* worker ``i % workers``, whose randomness is
+    seeded by ``(seed, epoch, rank, logical worker)``. Every batch carries its worker's
+    ``stream_state`` (a :class:`~cmkd.data.cursor.StreamCursor` position) so training can
+    checkpoint after any step and resume at ``start_step`` with ``resume`` (logical worker →
+    state) exactly where it was: DataLoader always starts at physical worker 0, so physical
+    worker ``p`` plays logical worker ``(p + start_step) % workers``.
     """
 
     def __init__(self, urls: list[str], read: ReadShard, decoder: Any, *, batch_size: int, steps: int, seed: int,
-                 epoch: int, rank: int, shuffle_buffer: int, balance: BalancedRejection | None, split_samples: int):
+                 epoch: int, rank: int, shuffle_buffer: int, balance: BalancedRejection | None, split_samples: int,
+                 start_step: int = 0, resume: dict[int, str] | None = None):
         self.urls, self.read, self.decoder = urls, read, decoder
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
         self.shuffle_buffer, self.balance = shuffle_buffer, balance
+        self.start_step, self.resume = start_step, dict(resume or {})
         # Give up instead of spinning when nothing is kept (p_accept >= 1/N, so this never trips by chance).
         self.max_streak = 20 * max(1, split_samples) + 1000
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from cmkd.data.cursor import StreamCursor
+
         worker, workers = worker_slot()
-        quota = self.steps // workers + (1 if worker < self.steps % workers else 0)
+        logical = (worker + self.start_step) % workers
+        quota = len(range(self.start_step + (logical - self.start_step) % workers, self.steps, workers))
         if quota == 0:
             return
-        rng = worker_rng(self.seed, self.epoch, self.rank, worker)
+        rng = worker_rng(self.seed, self.epoch, self.rank, logical)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))  # random crops
-        records = resampled(self.urls, self.read, rng)
-        samples = self._decoded(shuffled(self._parsed(records, rng), self.shuffle_buffer, rng), gen)
+        cursor = StreamCursor(self.urls, self.read, self.decoder, rng=rng, gen=gen, buffer_size=self.shuffle_buffer,
+                              balance=self.balance, max_streak=self.max_streak)
+        if logical in self.resume:
+            cursor.restore(self.resume[logical])
+        samples = cursor.samples()
         for _ in range(quota):
-            yield collate([next(samples) for _ in range(self.batch_size)])
-
-    def _parsed(self, records: Iterator[Record], rng: np.random.Generator) -> Iterator[tuple[Record, Any]]:
-        # Labels are parsed (and balanced-rejected) before decoding: rejected clips cost no decode.
-        streak = 0
-        for record in records:
-            streak += 1
-            if streak > self.max_streak:
-                raise RuntimeError(
-                    f"{streak} training records in a row were skipped or rejected (last {record['__url__']}); "
-                    f"check on_error skips and the label counts in dataset.json"
-                )
-            parsed = self.decoder.try_labels(record)
-            if parsed is None or (self.balance is not None and not self.balance.accept(parsed[1], rng)):
-                continue
-            streak = 0
-            yield record, parsed
-
-    def _decoded(self, items: Iterator[tuple[Record, Any]], gen: torch.Generator) -> Iterator[dict[str, Any]]:
-        for record, parsed in items:
-            sample = self.decoder.try_decode(record, parsed, generator=gen)
-            if sample is not None:
-                yield sample
+            batch = collate([next(samples) for _ in range(self.batch_size)])
+            batch["stream_state"] = (logical, cursor.state())
+            yield batch
 
 
 class EvalStream(torch.utils.data.IterableDataset):
@@ -220,7 +211,10 @@ class Loader:
                  length: int | None = None, what: str = "loader"):
         self.dataset, self.length, self.what = dataset, length, what
         kwargs: dict[str, Any] = dict(batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                      pin_memory=torch.cuda.is_available())
+                                      pin_memory=torch.cuda.is_available(),
+                                      # Its own generator: creating a loader must not advance the global
+                                      # torch RNG (dropout, SpecAugment), or a resumed run would diverge.
+                                      generator=torch.Generator().manual_seed(0))
         if num_workers > 0:
             kwargs["prefetch_factor"] = prefetch_factor
         self.loader = torch.utils.data.DataLoader(dataset, **kwargs)
