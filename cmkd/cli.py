@@ -21,9 +21,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cmkd.config import ConfigError
     from cmkd.registry import RegistryError
     from cmkd.train.checkpoint import CheckpointError
+    from cmkd.train.distributed import DistributedSetupError
     from cmkd.train.loop import TrainingError
 
-    return (ConfigError, RegistryError, CheckpointError, TrainingError, AudioError, FileNotFoundError)
+    return (ConfigError, RegistryError, CheckpointError, TrainingError, AudioError, FileNotFoundError,
+            DistributedSetupError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -40,11 +42,15 @@ def run(
     run_dir: str = typer.Option("runs", help="where runs/<experiment>/<stage>/ go (a path or fsspec URL)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="processes (GPUs) on this machine; >1 launches DDP"),
+    resume: bool = typer.Option(False, "--resume", help="continue stages that stopped part-way from their last checkpoint"),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="restart all processes this often after a failure (torch elastic); restarts resume"),
 ) -> None:
     """Run an experiment: every stage in order (a finished stage is reused), then compare them."""
-    if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        _launch_local(nproc_per_node)
+    if (nproc_per_node > 1 or max_restarts > 0) and "LOCAL_RANK" not in os.environ:
+        _launch_local(nproc_per_node, max_restarts)
         return
+    # A restarted elastic worker must pick up where the failed attempt left off.
+    resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     from cmkd import components, config
     from cmkd.experiment import run_experiment
     from cmkd.train import distributed
@@ -54,31 +60,40 @@ def run(
         text = config.parse(configs, bind)
         env = distributed.init(device)
         try:
-            run_experiment(run_dir, text, env)
+            # @record: under torchrun, the agent's failure report shows this rank's traceback.
+            distributed.record(run_experiment)(run_dir, text, env, resume=resume)
         finally:
             distributed.shutdown()
     except _user_errors() as err:
         fail(str(err))
 
 
-def _launch_local(nproc: int) -> None:
+def _launch_local(nproc: int, max_restarts: int = 0) -> None:
     """Re-run this very command under torch's elastic launcher, one process per device."""
     from torch.distributed import run as torchrun
 
     argv = sys.argv[1:]
     rest = []
     skip = False
-    for i, arg in enumerate(argv):  # drop our own --nproc-per-node; torchrun gets its own
+    for arg in argv:  # drop our own launcher flags; torchrun gets its own
         if skip:
             skip = False
             continue
-        if arg == "--nproc-per-node":
+        if arg in ("--nproc-per-node", "--max-restarts"):
             skip = True
             continue
-        if arg.startswith("--nproc-per-node="):
+        if arg.startswith(("--nproc-per-node=", "--max-restarts=")):
             continue
         rest.append(arg)
-    torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "cmkd", *rest])
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                       "-m", "cmkd", *rest])
+    except ChildFailedError as err:  # the agent has stopped the other ranks; say which one failed
+        rank, failure = err.get_first_failure()
+        fail(f"{err.name}: rank {rank} (of {nproc}) exited with code {failure.exitcode} and the other processes "
+             f"were stopped; its error is printed above", code=failure.exitcode if failure.exitcode > 0 else 1)
 
 
 @app.command()

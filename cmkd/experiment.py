@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import gin
 
 from cmkd import storage
+from cmkd.config import ConfigError
 from cmkd.train import checkpoint, distributed
 from cmkd.train.loop import StageContext, train
 from cmkd.train.progress import console, out, table
@@ -35,8 +36,20 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return summary if summary.get("finished") else None
 
 
-def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv) -> dict[str, dict[str, Any]]:
-    """Run (or reuse) every stage, then print the stages side by side."""
+def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
+                   resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Run (or reuse) every stage, then print the stages side by side.
+
+    A stage that stopped part-way (it has checkpoints but no finished summary) is continued
+    with ``resume``; without it the run stops rather than overwrite that work.
+    """
+    leaked = storage.leaked_secrets(config_text)
+    if leaked:  # the config is saved as config.gin and inside every checkpoint
+        raise ConfigError(
+            f"the gin config contains the value of ${', $'.join(leaked)}; it would be saved in config.gin and in "
+            f"every checkpoint. Remove it from the gin files and --bind, and let fsspec take credentials from "
+            f"the environment or its own config (docs/distributed.md, 'Run folders in buckets')"
+        )
     exp = Experiment()
     if not exp.stages:
         raise ValueError("experiment.stages is empty; list at least one stage, e.g. ['teacher', 'student']")
@@ -58,22 +71,45 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv) -
     summaries: dict[str, dict[str, Any]] = {}
     for stage in exp.stages:
         directory = stage_dir(runs_root, exp.name, stage)
-        done = finished_summary(directory)
+        # Rank 0 decides for all: ranks that disagreed (a stale listing cache, a run folder not
+        # shared between nodes) would enter different collectives and hang.
+        done = distributed.broadcast_object(env, finished_summary(directory) if env.is_main else None)
         if done is not None:
             if env.is_main:
                 console.print(f"[green]reusing finished stage[/] {exp.name}/{stage} ({directory}); "
                               f"delete that folder to train it again")
             summaries[stage] = done
             continue
+        partial = distributed.broadcast_object(
+            env, storage.exists(storage.join(directory, "checkpoints", "last.pt")) if env.is_main else None)
+        if partial and not resume:
+            raise checkpoint.CheckpointError(
+                f"stage {exp.name}/{stage} stopped part-way ({directory}/checkpoints/last.pt exists); "
+                f"pass --resume to continue it, or delete {directory} to start it over"
+            )
         if env.is_main:
             storage.makedirs(directory)
             storage.write_text(storage.join(directory, "config.gin"), config_text)
-        ctx = StageContext(exp.name, stage, directory, config_text, env, resolve_teacher)
+        ctx = StageContext(exp.name, stage, directory, config_text, env, resolve_teacher, resume=resume)
         with gin.config_scope(stage):
             summaries[stage] = train(ctx)
     if env.is_main:
         out.print(comparison_table(exp.name, summaries))
+        write_run_report(storage.join(runs_root, exp.name), env.device)
     return summaries
+
+
+def write_run_report(run_dir: str, device: Any) -> None:
+    """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
+    try:
+        from cmkd.infer.report import write_report
+
+        console.print(f"report: {write_report(run_dir, device=device).markdown}", markup=False, highlight=False)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
+                      f"retry with `cmkd report {escape(run_dir)}`", highlight=False)
 
 
 def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):

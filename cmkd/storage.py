@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from typing import Any
 
@@ -89,7 +90,28 @@ def remove(url: str) -> None:
         fs.rm(path)
 
 
+# Environment variables that hold credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+# AZURE_STORAGE_ACCOUNT_KEY, HF_TOKEN, ...): their values must never reach a saved file.
+_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCOUNT_KEY|PRIVATE_KEY|CONNECTION_STRING", re.IGNORECASE)
+
+
+def leaked_secrets(text: str) -> list[str]:
+    """Names of credential environment variables whose value appears in ``text`` (values under
+    8 characters are ignored: too likely to match by chance)."""
+    return sorted(k for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8 and v in text)
+
+
 def redact(options: dict[str, Any]) -> dict[str, Any]:
     """Storage options safe to log: secrets replaced by '***'."""
     secret = ("key", "secret", "token", "password", "credential")
     return {k: ("***" if any(s in k.lower() for s in secret) else v) for k, v in options.items()}
+
+
+def rename(src: str, dst: str) -> None:
+    """Move ``src`` over ``dst`` (atomic on local disk; copy-then-delete on object stores)."""
+    if is_local(src) and is_local(dst):
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, src_path = url_to_fs(src)
+    _, dst_path = url_to_fs(dst)
+    fs.mv(src_path, dst_path)

@@ -1,8 +1,10 @@
 """Distillation strategies: the loss the student trains on, given its logits and the batch.
 
 Built by the training loop with ``call_with_context(factory, loss=..., multilabel=...,
-load_teacher=..., device=...)``; each factory takes the subset it needs. A strategy owns its
-frozen teacher(s) and is called as ``strategy(x, student_logits, targets) -> (loss, logs)``.
+load_teacher=..., device=..., dataset=..., mixup=...)``; each factory takes the subset it needs.
+A strategy owns its frozen teacher(s) and is called as
+``strategy(x, student_logits, targets, keys=None) -> (loss, logs)``; ``keys`` are the batch's
+sample keys (the loop always passes them; only ``offline_kd`` needs them).
 
 Registered classes are leaves that never inherit from one another: gin wraps a registered
 class's ``__init__`` in place, so a registered parent would leak its bindings into children.
@@ -11,18 +13,20 @@ class's ``__init__`` in place, so a registered parent would leak its bindings in
 from __future__ import annotations
 
 import types
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cmkd.distill.losses import kl_divergence, log_probs, mean_log_probs
+from cmkd.distill.offline import OfflineLogitsError, TeacherLogits, TeacherLogitsSet, default_logits_url
 from cmkd.registry import strategies
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 TeacherLoader = Callable[[str], nn.Module]
 
-__all__ = ["Ensemble", "Hinton", "LogitKD", "NoDistillation", "Strategy", "freeze"]
+__all__ = ["Ensemble", "Hinton", "LogitKD", "NoDistillation", "OfflineKD", "Strategy", "freeze"]
+Keys = Sequence[str] | None
 
 
 def _train_stays_eval(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -57,21 +61,22 @@ class Strategy:
 
     def to(self, device: torch.device | str) -> "Strategy":
         for t in self.teachers:
-            t.to(device)
+            t.to(device=device, dtype=teacher_dtype(device))
         if isinstance(self.loss, nn.Module):
             self.loss.to(device)
         return self
 
-    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
+                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def teacher_logits(self, x: Tensor, student_logits: Tensor) -> list[Tensor]:
+    def teacher_logits(self, x: Tensor, student_logits: Tensor, keys: Keys = None) -> list[Tensor]:
         """Each teacher's logits on the very same ``x`` the student saw, outside the graph."""
         outs = []
         for i, teacher in enumerate(self.teachers):
             teacher.eval()  # re-asserted every call: a child may have been put in train mode
             with torch.inference_mode():
-                z = teacher(x)
+                z = teacher(x.to(_dtype_of(teacher, x.dtype)))
             if not isinstance(z, Tensor) or z.shape != student_logits.shape:
                 got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 raise ValueError(
@@ -79,9 +84,20 @@ class Strategy:
                     f"{tuple(student_logits.shape)}; teacher and student must be classifiers over "
                     f"the same classes (check the teacher stage/checkpoint)"
                 )
-            # inference tensors cannot enter autograd; a clone outside inference_mode can.
-            outs.append(z.clone())
+            # inference tensors cannot enter autograd; a copy outside inference_mode can (fp32 for the KD loss).
+            outs.append(z.to(torch.float32, copy=True))
         return outs
+
+
+def teacher_dtype(device: torch.device | str) -> torch.dtype:
+    """A frozen teacher's weights: bf16 on CUDA (half the memory, no per-step weight casts under
+    bf16 autocast), fp32 elsewhere (CPU training stays fp32)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    p = next(iter(module.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else default
 
 
 def _load_teachers(owner: str, load_teacher: TeacherLoader | None, refs: Sequence[str]) -> list[nn.Module]:
@@ -127,8 +143,9 @@ class _Distill(Strategy):
         self.lam, self.tau = float(lam), float(tau)
         self.tau_student, self.kd_scale = float(tau_student), float(kd_scale)
 
-    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
-        t_logits = self.teacher_logits(x, student_logits)
+    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
+                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
+        t_logits = self.teacher_logits(x, student_logits, keys)
         # Average probabilities (ψ), not logits, over teachers; one teacher is the identity.
         log_p = mean_log_probs([log_probs(z, self.multilabel, self.tau) for z in t_logits])
         log_q = log_probs(student_logits, self.multilabel, self.tau_student)
@@ -160,7 +177,8 @@ class NoDistillation(Strategy):
     def __init__(self, loss: LossFn | None = None):
         super().__init__(loss)
 
-    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
+                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
         loss = self.loss(student_logits, targets)
         return loss, {"loss_gt": float(loss.detach())}
 
@@ -221,3 +239,61 @@ class Ensemble(_Distill):
     ):
         modules = _load_teachers("ensemble", load_teacher, teachers)
         super().__init__("ensemble", loss, multilabel, modules, lam, tau, 1.0, 1.0, device)
+
+
+@strategies.register("offline_kd")
+class OfflineKD(_Distill):
+    """logit_kd against teacher logits stored by ``cmkd teacher-logits`` (no teacher forward per step).
+
+    ``teacher`` names the set under ``<DATA>/teacher_logits/<teacher>/<split>.npy``, one file per
+    training split (``split`` defaults to the dataset's training split(s)); ``logits`` (a .npy
+    URL or a list of them) overrides that path. Refuses mixup: the stored logits describe the clean clip.
+    """
+
+    def __init__(
+        self,
+        loss: LossFn | None = None,
+        multilabel: bool | None = None,
+        dataset: Any = None,
+        mixup: float = 0.0,
+        device: torch.device | None = None,
+        teacher: str = "teacher",
+        logits: str | Sequence[str] | None = None,
+        split: str | Sequence[str] | None = None,
+        lam: float = 0.5,
+        tau: float = 1.0,
+    ):
+        if mixup and mixup > 0:
+            # Stored logits describe un-mixed clips; a mixed clip has no stored teacher answer.
+            raise ValueError(
+                f"strategies.offline_kd: train.mixup = {mixup}, but stored teacher logits describe un-mixed clips, "
+                f"so they would not match the mixed input; set <stage>/train.mixup = 0 for this stage, or use "
+                f"strategies.logit_kd (online teacher, consistent teaching) to keep mixup"
+            )
+        urls = [logits] if isinstance(logits, str) else list(logits or [])
+        if not urls:
+            root = getattr(dataset, "root", None)
+            if root is None:
+                raise ValueError(
+                    "strategies.offline_kd: no logits file given and the dataset has no root folder to find "
+                    "teacher_logits/ in; set strategies.offline_kd.logits = '<url>/train.npy'"
+                )
+            splits = split if split is not None else getattr(dataset, "train_splits", None) or ["train"]
+            urls = [default_logits_url(str(root), teacher, s) for s in ([splits] if isinstance(splits, str) else splits)]
+        classes = getattr(dataset, "classes", None)
+        self.store = TeacherLogitsSet([TeacherLogits.load(u, classes=classes, multilabel=multilabel) for u in urls])
+        super().__init__("offline_kd", loss, multilabel, [], lam, tau, 1.0, 1.0, device)
+
+    def teacher_logits(self, x: Tensor, student_logits: Tensor, keys: Keys = None) -> list[Tensor]:
+        if keys is None:
+            raise OfflineLogitsError(
+                f"strategies.offline_kd: called without the batch's sample keys, so rows of {self.store.url} "
+                f"cannot be found; call strategy(x, logits, targets, keys=batch['key'])"
+            )
+        z = self.store.lookup(list(keys)).to(student_logits.device)
+        if z.shape != student_logits.shape:
+            raise OfflineLogitsError(
+                f"strategies.offline_kd: stored logits {tuple(z.shape)} ({self.store.url}) do not match the "
+                f"student's {tuple(student_logits.shape)}; were they computed on this dataset?"
+            )
+        return [z]

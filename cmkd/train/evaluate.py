@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Iterable
 
@@ -57,14 +58,20 @@ def gather(env: distributed.DistEnv, keys: list[str], scores: np.ndarray, target
     parts = distributed.gather_objects(env, (keys, scores, targets))
     seen: dict[str, int] = {}
     all_keys, all_scores, all_targets = [], [], []
+    repeated: list[str] = []
     for k_part, s_part, t_part in parts:
         for i, k in enumerate(k_part):
             if k in seen:
+                repeated.append(k)
                 continue
             seen[k] = len(all_keys)
             all_keys.append(k)
             all_scores.append(s_part[i])
             all_targets.append(t_part[i])
+    if repeated and env.is_main:  # exact metrics need an eval loader that splits the split exactly once
+        warnings.warn(f"evaluation: {len(repeated)} prediction(s) repeat a key already scored (e.g. {repeated[:3]}); "
+                      f"each key was counted once. Give every eval clip a unique key, and make a custom dataset's "
+                      f"eval_loader hand each sample to exactly one rank", stacklevel=3)
     width = max((p[1].shape[1] for p in parts if p[1].ndim == 2), default=0)
     return all_keys, _stack(all_scores, width), _stack(all_targets, width)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import gin
 import numpy as np
@@ -19,11 +21,15 @@ from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model
 from cmkd.registry import call_with_context, losses, strategies
-from cmkd.train import checkpoint, distributed
+from cmkd.train import averaging, checkpoint, distributed
+from cmkd.train import resume as resuming
 from cmkd.train.evaluate import autocast, evaluate
 from cmkd.train.metrics import primary_metric
 from cmkd.train.optim import build_optimizer, build_scheduler
 from cmkd.train.progress import TrainProgress, console, table
+
+
+T = TypeVar("T")
 
 
 class TrainingError(RuntimeError):
@@ -40,6 +46,7 @@ class StageContext:
     config_text: str
     env: distributed.DistEnv
     resolve_teacher: Callable[[str, str], str]  # (stage name, best|last|averaged) → checkpoint URL
+    resume: bool = False  # continue from checkpoints/last.pt if there is one
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,13 +72,26 @@ def train(
     amp: bool = True,
     seed: int = 0,
     teacher_checkpoint: str = "best",
+    average_last: int = 0,
+    checkpoint_every: int = 0,
+    deterministic: bool = False,
+    on_nan: str = "raise",
     log_every: int = 10,
+    log_steps: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train one stage and return its summary (best metrics, paths, timing).
 
     Model, featurizer, optimizer and schedule come from their own configurables
     (``classifier``, ``frontend``, ``optimizer``, ``schedule``) in the stage's scope.
+    ``checkpoint_every``: also save the full training state every N steps (0: per epoch only);
+    ``deterministic``: deterministic kernels, so a resumed run is bit-identical on CPU;
+    ``on_nan``: 'raise' stops at a non-finite loss, 'skip' drops that update and counts it;
+    ``log_steps``: write every step's loss (averaged over ranks: the global batch's) to steps.jsonl;
+    ``compile``: torch.compile the student and the teachers (in place: checkpoints keep their keys).
     """
+    if on_nan not in ("raise", "skip"):
+        raise ValueError(f"train.on_nan = {on_nan!r} is not one of 'raise', 'skip'")
     env = ctx.env
     device = env.device
     seed_everything(seed + env.rank)
@@ -81,16 +101,23 @@ def train(
     model = build_classifier(num_classes=ds.num_classes, in_shape=tuple(featurizer.out_shape)).to(device)
     loss_fn = _build_loss(loss, ds.multilabel)
 
+    teacher_urls: list[str] = []  # recorded in summary.json: which checkpoints taught this stage
+
     def load_teacher(ref: str) -> nn.Module:
-        url = ref if ref.endswith(".pt") else ctx.resolve_teacher(ref, teacher_checkpoint)
+        url = ref if ref.endswith(".pt") else averaging.teacher_url(ctx.resolve_teacher, ref, teacher_checkpoint)
         teacher = load_model(url, device)
         _check_teacher(teacher, ds, featurizer, url)
+        teacher_urls.append(url)
+        if env.is_main:
+            console.print(f"  teacher {ref!r}: {url}", highlight=False)
         return teacher.classifier
 
     strat = call_with_context(
         strategy or strategies.get("none"), loss=loss_fn, multilabel=ds.multilabel,
-        load_teacher=load_teacher, device=device,
+        load_teacher=load_teacher, device=device, dataset=ds, mixup=mixup,
     )
+    if compile:
+        compile_models(model, *getattr(strat, "teachers", ()))
     student: nn.Module = model
     if env.distributed:  # only the student is wrapped; teachers stay plain frozen modules
         student = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -105,14 +132,27 @@ def train(
     metric_name = primary_metric(ds.multilabel)
 
     ckpt_dir = storage.join(ctx.stage_dir, "checkpoints")
+    averager = averaging.LastEpochs(average_last, epochs, ckpt_dir)  # train.average_last: mean of the last N epochs
     meta = dict(
         experiment=ctx.experiment, stage=ctx.stage, config=ctx.config_text, classes=list(ds.classes),
         multilabel=bool(ds.multilabel), sample_rate=int(ds.sample_rate), clip_samples=int(ds.clip_samples),
         norm=list(norm) if norm else None,
     )
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-    step = 0
+    pos = resuming.Position()
+    stream_resume = _resume(ckpt_dir, env, model, optimizer, scheduler, gen, pos) if ctx.resume else {}
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    nan_skipped = 0
+    steps_log = _steps_so_far(ctx, pos.step) if log_steps and ctx.resume else []
+
+    def save_state(record: dict[str, Any] | None) -> None:
+        # A collective: every rank contributes its generators and stream cursors; rank 0 writes.
+        rank_states = distributed.gather_objects(env, resuming.rank_state(env, gen, pos))
+        if env.is_main:
+            resuming.save(ckpt_dir, dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                         scheduler=scheduler.state_dict(), metrics=record or {}, rank_states=rank_states,
+                                         world_size=env.world_size, **pos.to_payload()))
+
     t_start = time.perf_counter()
     if env.is_main:
         n_params = sum(p.numel() for p in model.parameters())
@@ -122,10 +162,20 @@ def train(
             f"epochs on {device} × {env.world_size}, strategy {type(strat).__name__}"
         )
     with TrainProgress(f"{ctx.stage}", total_steps, enabled=env.is_main) as bar:
-        for epoch in range(epochs):
+        bar.start_from(pos.step)
+        for epoch in range(pos.epoch, epochs):
             student.train()
-            running, seen, t_epoch = 0.0, 0, time.perf_counter()
-            for batch in ds.train_loader(batch_size, epoch=epoch, seed=seed, rank=env.rank, world_size=env.world_size):
+            t_epoch = time.perf_counter()
+            loader = ds.train_loader(batch_size, epoch=epoch, seed=seed, rank=env.rank, world_size=env.world_size,
+                                     start_step=pos.step_in_epoch, resume=stream_resume)
+            stream_resume = {}
+            # Exactly steps_per_epoch steps on every rank, whatever the loader yields: a rank with
+            # one step more or less would wait forever in DDP's gradient all-reduce.
+            waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
+            for batch in waits.wrap(itertools.islice(loader, steps_per_epoch - pos.step_in_epoch)):
+                worker, cursor = batch.pop("stream_state", (None, None))
+                if worker is not None:
+                    pos.stream[worker] = cursor
                 wave = batch["wave"].to(device, non_blocking=True)
                 target = batch["target"].to(device, non_blocking=True)
                 if mix is not None:
@@ -133,52 +183,113 @@ def train(
                 with autocast(device, amp):
                     x = featurizer(wave, augment=specaug)
                     logits = student(x)
-                    loss_value, logs = strat(x, logits.float(), target)
-                if not torch.isfinite(loss_value):
-                    _non_finite(ctx, step, batch, loss_value)
-                optimizer.zero_grad(set_to_none=True)
-                loss_value.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
+                    loss_value, logs = strat(x, logits.float(), target, keys=batch["key"])
+                if distributed.any_rank(env, not bool(torch.isfinite(loss_value))):
+                    if on_nan == "raise":
+                        _non_finite(ctx, pos.step, batch, loss_value)
+                    # Every rank drops this update (DDP needs all ranks to agree); the step still counts.
+                    nan_skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_value.backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
                 scheduler.step()
-                step += 1
-                running += float(loss_value.detach())
-                seen += 1
-                bar.step(wave.shape[0] * env.world_size, running / seen, f"ep {epoch + 1}/{epochs}")
-            train_loss = distributed.all_reduce_mean(env, running / max(1, seen))
+                pos.step += 1
+                pos.step_in_epoch += 1
+                pos.running += float(loss_value.detach()) if torch.isfinite(loss_value) else 0.0
+                pos.seen += 1
+                bar.step(wave.shape[0] * env.world_size, pos.running / pos.seen,
+                         f"ep {epoch + 1}/{epochs} · data wait {waits.fraction(time.perf_counter() - t_epoch):.0%}")
+                if log_steps:  # a collective; equal per-rank batches make the rank mean the global batch's loss
+                    steps_log.append(dict(epoch=epoch + 1, step=pos.step,
+                                          loss=distributed.all_reduce_mean(env, float(loss_value.detach()))))
+                if checkpoint_every and pos.step % checkpoint_every == 0 and pos.step_in_epoch < steps_per_epoch:
+                    save_state(None)
+            if pos.step_in_epoch != steps_per_epoch:
+                raise TrainingError(
+                    f"{ctx.stage}: the train loader of rank {env.rank} ended after {pos.step_in_epoch} of the "
+                    f"{steps_per_epoch} steps its dataset's steps_per_epoch promised (epoch {epoch + 1}); every rank "
+                    f"must get that many batches, or DDP hangs. Fix the dataset's train_loader/steps_per_epoch"
+                )
+            distributed.sync_buffers(env, model)  # evaluate (and save) rank 0's BatchNorm statistics everywhere
+            train_loss = distributed.all_reduce_mean(env, pos.running / max(1, pos.seen))
             metrics, _ = evaluate(env, [model], featurizer, ds.eval_loader(batch_size, rank=env.rank, world_size=env.world_size),
                                   ds.multilabel, loss_fn, amp)
-            record = dict(epoch=epoch + 1, step=step, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"],
+            record = dict(epoch=epoch + 1, step=pos.step, train_loss=train_loss, nan_skipped=nan_skipped, lr=optimizer.param_groups[0]["lr"],
                           epoch_seconds=time.perf_counter() - t_epoch, clips_per_s=bar.clips_per_second,
+                          **waits.record(time.perf_counter() - t_epoch),
                           **{f"eval_{k}": v for k, v in metrics.items()})
-            history.append(record)
-            improved = not best or metrics[metric_name] > best[f"eval_{metric_name}"]
+            pos.history.append(record)
+            improved = not pos.best or metrics[metric_name] > pos.best[f"eval_{metric_name}"]
             if improved:
-                best = record
+                pos.best = record
+            pos.epoch, pos.step_in_epoch, pos.running, pos.seen, pos.stream = epoch + 1, 0, 0.0, 0, {}
+            averager.add(epoch + 1, model, dict(meta, epoch=epoch + 1, step=pos.step, metrics=record), env)
+            save_state(record)  # after the epoch's weights file: a resumed run never lacks one
             if env.is_main:
-                state = dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), epoch=epoch + 1, step=step, metrics=record)
-                checkpoint.save(storage.join(ckpt_dir, "last.pt"), state)
                 if improved:
-                    checkpoint.save(storage.join(ckpt_dir, "best.pt"), state)
+                    checkpoint.save(storage.join(ckpt_dir, "best.pt"),
+                                    dict(meta, model=model.state_dict(), epoch=epoch + 1, step=pos.step, metrics=record))
                 storage.write_text(storage.join(ctx.stage_dir, "metrics.jsonl"),
-                                   "".join(json.dumps(r) + "\n" for r in history))
+                                   "".join(json.dumps(r) + "\n" for r in pos.history))
+                if log_steps:
+                    storage.write_text(storage.join(ctx.stage_dir, "steps.jsonl"),
+                                       "".join(json.dumps(r) + "\n" for r in steps_log))
                 bar.note(f"  epoch {epoch + 1}: train loss {train_loss:.4f}, eval {metric_name} "
                          f"{metrics[metric_name]:.4f}{' (best)' if improved else ''}")
             distributed.barrier(env)
 
+    averaged = averager.finish(
+        model, lambda m: evaluate(env, [m], featurizer, ds.eval_loader(batch_size, rank=env.rank, world_size=env.world_size),
+                                  ds.multilabel, loss_fn, amp)[0],
+        dict(meta, epoch=epochs, step=pos.step), env)
     summary = dict(
         experiment=ctx.experiment, stage=ctx.stage, finished=True, backbone=type(model.backbone).__name__,
         params=sum(p.numel() for p in model.parameters()), strategy=type(strat).__name__, metric=metric_name,
-        best=best, last=history[-1] if history else {}, epochs=epochs, seconds=time.perf_counter() - t_start,
-        world_size=env.world_size,
+        best=pos.best, last=pos.history[-1] if pos.history else {}, epochs=epochs, seconds=time.perf_counter() - t_start,
+        world_size=env.world_size, teachers=teacher_urls,
     )
+    if averaged is not None:
+        summary["averaged"] = averaged
     if env.is_main:
         storage.write_text(storage.join(ctx.stage_dir, "summary.json"), json.dumps(summary, indent=2))
         console.print(table(f"{ctx.experiment}/{ctx.stage}", ["epoch", "train loss", f"eval {metric_name}", "clips/s"],
-                            [(r["epoch"], r["train_loss"], r[f"eval_{metric_name}"], r["clips_per_s"]) for r in history]))
+                            [(r["epoch"], r["train_loss"], r[f"eval_{metric_name}"], r["clips_per_s"]) for r in pos.history]))
     return summary
+
+
+def _resume(ckpt_dir: str, env: distributed.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, gen: torch.Generator, pos: resuming.Position) -> dict[int, str]:
+    """Load the newest training state into the live objects; returns this rank's stream cursors."""
+    payload = resuming.load_latest(ckpt_dir)
+    if payload is None:
+        if env.is_main:
+            console.print(f"[yellow]--resume: no checkpoint in {ckpt_dir} yet; starting the stage from scratch[/]")
+        return {}
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    pos.__dict__.update(resuming.position_from(payload).__dict__)
+    if env.is_main:
+        console.print(f"[green]resuming[/] at epoch {pos.epoch + 1}, step {pos.step} from {ckpt_dir}")
+    if int(payload.get("world_size", 1)) != env.world_size:
+        warnings.warn(f"resuming with {env.world_size} processes from a checkpoint written by "
+                      f"{payload.get('world_size')}: training goes on, but the data order differs from an "
+                      f"uninterrupted run", stacklevel=2)
+        return {}
+    return resuming.restore_rank_state(env, gen, payload["rank_states"][env.rank])
+
+
+def _steps_so_far(ctx: StageContext, step: int) -> list[dict[str, Any]]:
+    """steps.jsonl of the interrupted run, up to the resumed step (it is rewritten each epoch)."""
+    url = storage.join(ctx.stage_dir, "steps.jsonl")
+    if not storage.exists(url):
+        return []
+    records = [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= step]
 
 
 def _build_loss(loss: Any, multilabel: bool) -> Callable:
@@ -207,3 +318,48 @@ def _non_finite(ctx: StageContext, step: int, batch: dict, loss: torch.Tensor) -
         f"{ctx.stage}: loss is {float(loss)} at step {step} (batch keys {list(batch['key'])[:8]}); "
         f"the last good checkpoint is {last}. Lower optimizer.lr, set train.grad_clip, or check those clips."
     )
+
+
+def compile_models(*modules: nn.Module) -> None:
+    """``torch.compile`` each module in place (``Module.compile``): the same object, the same state_dict keys."""
+    for m in modules:
+        m.compile()
+
+
+class DataWait:
+    """Time the training loop spends blocked on the next batch (the data pipeline not keeping up).
+
+    ``record`` gives ``data_wait_s``, ``data_wait_fraction`` (of the epoch's wall time) and
+    ``data_wait_steps``: steps after the first that waited over ``threshold_ms`` (the first batch
+    always waits for the workers to start).
+    """
+
+    def __init__(self, threshold_ms: float = 5.0):
+        self.threshold = threshold_ms / 1000
+        self.seconds, self.first, self.steps, self.slow = 0.0, 0.0, 0, 0
+
+    def wrap(self, batches: Iterable[T]) -> Iterator[T]:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.add(time.perf_counter() - t0)
+            yield batch
+
+    def add(self, seconds: float) -> None:
+        if self.steps == 0:
+            self.first = seconds
+        elif seconds > self.threshold:
+            self.slow += 1
+        self.seconds += seconds
+        self.steps += 1
+
+    def fraction(self, elapsed: float) -> float:
+        return self.seconds / elapsed if elapsed > 0 else 0.0
+
+    def record(self, elapsed: float) -> dict[str, float | int]:
+        return dict(data_wait_s=round(self.seconds, 4), data_wait_first_s=round(self.first, 4),
+                    data_wait_fraction=round(self.fraction(elapsed), 4), data_wait_steps=self.slow)

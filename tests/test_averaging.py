@@ -1,0 +1,151 @@
+"""Weight averaging: hand-made state dicts, `cmkd average` on real checkpoints, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from cmkd import components, config
+from cmkd.cli import app
+from cmkd.models.factory import build_frontend, load_model
+from cmkd.models.classifier import build_classifier
+from cmkd.train import checkpoint
+from cmkd.train.averaging import LastEpochs, RunningMean, average_state_dicts, teacher_url
+from cmkd.train.checkpoint import CheckpointError
+
+# A tiny but real model config: load_model rebuilds it from the checkpoint alone.
+TINY_CONFIG = """
+frontend.featurizer = @featurizers.fbank
+featurizers.fbank.n_mels = 32
+featurizers.fbank.target_frames = 30
+classifier.backbone = @backbones.ast
+classifier.pooler = @poolers.token
+backbones.ast.embed_dim = 16
+backbones.ast.depth = 1
+backbones.ast.num_heads = 2
+"""
+CLASSES = ["a", "b", "c"]
+
+
+def test_mean_of_three_hand_made_state_dicts() -> None:
+    sds = [
+        {"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)},
+        {"w": torch.tensor([4.0, -2.0]), "bn.running_var": torch.tensor([1.5]), "bn.num_batches_tracked": torch.tensor(7)},
+        {"w": torch.tensor([7.0, 3.0]), "bn.running_var": torch.tensor([4.0]), "bn.num_batches_tracked": torch.tensor(11)},
+    ]
+    avg = average_state_dicts(sds)
+    assert torch.equal(avg["w"], torch.tensor([4.0, 1.0]))  # (1+4+7)/3, (2-2+3)/3
+    assert avg["bn.running_var"].item() == pytest.approx(2.0)  # (0.5+1.5+4)/3
+    # integer buffers are not averaged (7.0 would be the mean): the last one is kept
+    assert avg["bn.num_batches_tracked"].item() == 11 and avg["bn.num_batches_tracked"].dtype == torch.int64
+    assert avg["w"].dtype == torch.float32
+    assert torch.equal(sds[0]["w"], torch.tensor([1.0, 2.0]))  # inputs untouched
+
+
+def test_average_of_real_batchnorm_modules() -> None:
+    mods = []
+    for k in range(3):
+        m = nn.BatchNorm1d(2)
+        with torch.no_grad():
+            m.weight.fill_(k + 1.0)
+            m.running_mean.fill_(10.0 * k)
+        m.num_batches_tracked.fill_(100 + k)
+        mods.append(m.state_dict())
+    avg = average_state_dicts(mods)
+    target = nn.BatchNorm1d(2)
+    target.load_state_dict(avg)  # loads back into the same module type
+    assert torch.allclose(target.weight, torch.full((2,), 2.0))
+    assert torch.allclose(target.running_mean, torch.full((2,), 10.0))
+    assert int(target.num_batches_tracked) == 102
+
+
+def test_mismatched_state_dicts_are_refused() -> None:
+    mean = RunningMean("here")
+    mean.add({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="other tensors"):
+        mean.add({"v": torch.zeros(2)})
+    with pytest.raises(ValueError, match="shape"):
+        mean.add({"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="nothing to average"):
+        RunningMean("x").result()
+
+
+def test_average_last_bounds() -> None:
+    with pytest.raises(ValueError, match=r"train.average_last = 5 must be between 0 \(off\) and train.epochs = 3"):
+        LastEpochs(5, 3, "/tmp/x")
+    assert not LastEpochs(0, 3, "/tmp/x").enabled
+    assert LastEpochs(2, 3, "/tmp/x").first == 2
+
+
+def test_teacher_url_explains_missing_averaged_checkpoint() -> None:
+    def resolve(ref: str, which: str) -> str:
+        if which == "averaged":
+            raise CheckpointError(f"stage {ref!r} has no averaged checkpoint")
+        return f"/runs/x/{ref}/checkpoints/{which}.pt"
+
+    assert teacher_url(resolve, "teacher", "best") == "/runs/x/teacher/checkpoints/best.pt"
+    with pytest.raises(CheckpointError, match=r"teacher/train.average_last = N .*'best' or 'last'"):
+        teacher_url(resolve, "teacher", "averaged")
+
+    def untrained(ref: str, which: str) -> str:
+        raise CheckpointError("list 'teacher' before this stage")
+
+    with pytest.raises(CheckpointError, match="list 'teacher' before"):  # not trained: the original message
+        teacher_url(untrained, "teacher", "averaged")
+
+
+def _tiny_checkpoints(tmp_path: Path, n: int = 3, classes: list[str] = CLASSES, config_text: str = TINY_CONFIG,
+                      prefix: str = "ep") -> tuple[list[str], list[dict]]:
+    components.load_all()
+    urls, states = [], []
+    with config.isolated(config_text):
+        featurizer = build_frontend(sample_rate=16000, dataset_norm=(-4.0, 4.0))
+        model = build_classifier(num_classes=len(classes), in_shape=tuple(featurizer.out_shape))
+    for k in range(n):
+        torch.manual_seed(k)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        state = {key: v.clone() for key, v in model.state_dict().items()}
+        url = str(tmp_path / f"{prefix}{k}.pt")
+        checkpoint.save(url, dict(experiment="x", stage="s", config=config_text, classes=classes, multilabel=True,
+                                  sample_rate=16000, clip_samples=4000, norm=[-4.0, 4.0], model=state,
+                                  optimizer={}, epoch=k + 1, step=10 * (k + 1), metrics={"eval_mAP": 0.1 * k}))
+        urls.append(url)
+        states.append(state)
+    return urls, states
+
+
+def test_cmkd_average_cli_writes_a_loadable_mean(tmp_path: Path) -> None:
+    urls, states = _tiny_checkpoints(tmp_path)
+    out = tmp_path / "avg" / "averaged.pt"
+    res = CliRunner().invoke(app, ["average", *urls, "-o", str(out)])  # the real `cmkd` app, in-process
+    assert res.exit_code == 0, res.output
+    ckpt = checkpoint.load(str(out))
+    for key, v in ckpt["model"].items():
+        expected = (states[0][key].double() + states[1][key].double() + states[2][key].double()) / 3
+        assert torch.allclose(v.double(), expected, atol=1e-6), key
+    assert ckpt["averaged_from"] == urls and ckpt["epoch"] == 3 and "optimizer" not in ckpt
+    loaded = load_model(str(out))  # self-describing: rebuilds from the averaged checkpoint alone
+    wave = torch.randn(2, 4000)
+    assert loaded.logits(wave).shape == (2, 3)
+
+
+def test_cmkd_average_refuses_other_classes_and_configs(tmp_path: Path) -> None:
+    urls, _ = _tiny_checkpoints(tmp_path, n=2)
+    other, _ = _tiny_checkpoints(tmp_path, n=1, classes=["a", "b", "z"], prefix="other")
+    runner = CliRunner()
+    res = runner.invoke(app, ["average", urls[0], other[0], "-o", str(tmp_path / "o.pt")])
+    assert res.exit_code == 2 and "classes" in res.output and "same model" in res.output
+    tweaked, _ = _tiny_checkpoints(tmp_path, n=1, config_text=TINY_CONFIG + "train.epochs = 7\n", prefix="cfg")
+    res = runner.invoke(app, ["average", urls[0], tweaked[0], "-o", str(tmp_path / "o.pt")], terminal_width=200)
+    assert res.exit_code == 2 and "different configs" in res.output and "train.epochs = 7" in res.output
+    assert "--allow-config-mismatch" in res.output
+    res = runner.invoke(app, ["average", urls[0], tweaked[0], "-o", str(tmp_path / "o.pt"), "--allow-config-mismatch"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["average", urls[0], "-o", str(tmp_path / "o.pt")])
+    assert res.exit_code == 2 and "at least two" in res.output
