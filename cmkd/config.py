@@ -98,7 +98,11 @@ def _explain(err: BaseException) -> str:
     match = _UNKNOWN_REF.search(msg)
     if match:
         name = match.group(1)
-        close = difflib.get_close_matches(name, known_selectors(), n=3, cutoff=0.6)
+        kind, _, short = name.rpartition(".")
+        if kind in REGISTRIES:  # compare names within the kind, not the shared "backbones." prefix
+            close = [f"{kind}.{c}" for c in difflib.get_close_matches(short, list(REGISTRIES[kind]), n=3, cutoff=0.6)]
+        else:
+            close = difflib.get_close_matches(name, known_selectors(), n=3, cutoff=0.6)
         if close:
             msg += f"\nDid you mean: {', '.join('@' + c for c in close)}?"
         msg += "\nRun `cmkd registry` to list every component (plugins included)."

@@ -103,7 +103,7 @@ def _forget_gin_configurable(selector: str) -> None:
     # gin has no public "unregister"; overriding an entry must drop the old selector first.
     registry = gin.config._REGISTRY  # noqa: SLF001 - gin offers no API for this
     if selector in registry:
-        del registry[selector]
+        registry.pop(selector)
 
 
 @contextlib.contextmanager
