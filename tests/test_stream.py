@@ -74,7 +74,7 @@ def test_train_loader_exact_steps_and_shapes(toy):
     batches = list(loader)
     assert len(batches) == len(loader) == ds.steps_per_epoch(3, 1) == 4
     for b in batches:
-        assert set(b) == {"key", "wave", "target", "stream_state"}
+        assert set(b) == {"key", "wave", "target", "stream_state", "skipped"}
         assert b["wave"].shape == (3, CLIP) and b["wave"].dtype == torch.float32
         assert b["target"].shape == (3, 3) and torch.equal(b["target"].sum(1), torch.ones(3))
         for key, target in zip(b["key"], b["target"]):

@@ -111,9 +111,19 @@ ReadShard = Callable[[str], Iterable[Record]]
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "key": [s["key"] for s in samples],
-        "wave": torch.stack([s["wave"] for s in samples]),
-        "target": torch.stack([s["target"] for s in samples]),
+        "wave": _stack([s["wave"] for s in samples]),
+        "target": _stack([s["target"] for s in samples]),
     }
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack straight into shared memory inside a DataLoader worker (as torch's default_collate
+    does): one copy less per batch, and worker memory stays flat instead of growing the heap."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    elem = tensors[0]
+    storage = elem.untyped_storage()._new_shared(len(tensors) * elem.numel() * elem.element_size(), device=elem.device)
+    return torch.stack(tensors, out=elem.new(storage).resize_(len(tensors), *elem.shape))
 
 
 def worker_slot() -> tuple[int, int]:
@@ -158,9 +168,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         if logical in self.resume:
             cursor.restore(self.resume[logical])
         samples = cursor.samples()
+        skips = _SkipDelta(self.decoder)
         for _ in range(quota):
+            # A skipped sample is replaced by the next good one: every batch is full.
             batch = collate([next(samples) for _ in range(self.batch_size)])
             batch["stream_state"] = (logical, cursor.state())
+            batch["skipped"] = skips.take()  # this worker's new skip counts reach the training loop
             yield batch
 
 
@@ -192,16 +205,38 @@ class EvalStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
+        skips = _SkipDelta(self.decoder)
+        pending: dict[str, Any] | None = None  # held back one batch, so the last carries the last skips
         for record in self._records():
             sample = self.decoder(record)
             if sample is None:
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
+                if pending is not None:
+                    yield dict(pending, skipped=skips.take())
+                pending, batch = collate(batch), []
         if batch:
-            yield collate(batch)
+            if pending is not None:
+                yield dict(pending, skipped=skips.take())
+            pending = collate(batch)
+        if pending is not None:
+            yield dict(pending, skipped=skips.take())
+
+
+class _SkipDelta:
+    """The skip counts a stream's decoder (and shard reader) added since the last ``take``."""
+
+    def __init__(self, decoder: Any):
+        self.counter = getattr(decoder, "skipped", None)
+        self.before = dict(self.counter or {})
+
+    def take(self) -> dict[str, int]:
+        if self.counter is None:
+            return {}
+        new = {k: n - self.before.get(k, 0) for k, n in self.counter.items() if n > self.before.get(k, 0)}
+        self.before = dict(self.counter)
+        return new
 
 
 class Loader:

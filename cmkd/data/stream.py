@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import tarfile
 import time
 import warnings
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import torch
@@ -59,7 +60,19 @@ PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotAD
 
 
 class ShardError(RuntimeError):
-    """A shard could not be read; the message names its URL and what to do."""
+    """A shard could not be read; the message names its URL and what to do.
+
+    ``corrupt``: the bytes arrived but are not a valid tar (truncated, garbage): no retry fixes
+    it, and ``on_error="skip"`` skips the rest of the shard. Otherwise the storage failed
+    (down, no permission, missing): that always stops the run.
+    """
+
+    def __init__(self, message: str, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
+
+    def __reduce__(self):  # re-raised across DataLoader workers with its flag
+        return type(self), (str(self), self.corrupt)
 
 
 class SampleError(ValueError):
@@ -68,6 +81,27 @@ class SampleError(ValueError):
     def __init__(self, message: str, kind: str = "sample"):
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):
+        return type(self), (str(self), self.kind)
+
+
+RETRY = "read_retry"  # SkipCounter key of retried storage reads
+
+# Errors of the tar format itself: the data is there but broken, a re-read gives the same bytes.
+_CORRUPT_TAR = (tarfile.ReadError, EOFError)
+
+
+def worker_error_message(err: BaseException) -> str:
+    """The original message of an error re-raised from a DataLoader worker, without the
+    worker's traceback text that torch prepends ("Caught X in DataLoader worker process 0...")."""
+    msg = str(err)
+    if "Original Traceback" not in msg:
+        return msg
+    last = None
+    for last in re.finditer(rf"\n(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ", msg):
+        pass
+    return msg[last.end():].strip() if last is not None else msg
 
 
 # -- shards → records -----------------------------------------------------------------------------
@@ -90,11 +124,11 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>") -> Iterator[dict[str, 
             key, _, ext = name.rpartition(".")
             if not key or "/" in ext:
                 key, ext = name, ""
+            if current is not None and current["__key__"] != key:
+                yield current  # before reading on: a shard cut short inside the next member keeps this one
+                current = None
             handle = tar.extractfile(member)
             payload = handle.read() if handle is not None else b""
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
             current[ext.lower()] = payload
@@ -109,13 +143,20 @@ def iter_shard(
     backoff: float = 0.5,
     storage_options: dict[str, Any] | None = None,
     opener: Callable[[str], Any] | None = None,
+    on_error: str = "raise",
+    skipped: "SkipCounter | None" = None,
 ) -> Iterator[dict[str, Any]]:
     """Records of one shard. A transient read error reopens the shard after an exponential
     backoff (``backoff * 2**k`` s) and skips the records already yielded, so the stream
-    continues where it broke off. ``retries`` bounds consecutive failures without progress.
+    continues where it broke off. ``retries`` bounds consecutive failures without progress;
+    past it a ShardError names the shard. A shard whose tar data is truncated or corrupt
+    (at once for local files, after the retries for remote ones) raises a ShardError with
+    ``corrupt=True``, or with ``on_error="skip"`` ends after its last whole record and is
+    counted in ``skipped`` as kind "shard".
     """
     open_ = opener or (lambda u: open_shard(u, storage_options))
-    done, failures = 0, 0
+    local = "://" not in url or url.startswith("file://")
+    done, failures, last_key = 0, 0, None
     while True:
         index = 0
         try:
@@ -125,6 +166,7 @@ def iter_shard(
                         yield record
                         done += 1
                         failures = 0
+                        last_key = record["__key__"]
                     index += 1
             return
         except PERMANENT_ERRORS as err:
@@ -134,13 +176,28 @@ def iter_shard(
             ) from err
         except TRANSIENT_ERRORS as err:
             failures += 1
-            if failures > retries:
+            corrupt = isinstance(err, _CORRUPT_TAR)
+            if failures > retries or (corrupt and local):
+                if corrupt:
+                    after = f"after {done} samples (last whole one {last_key!r})" if done else "before its first sample"
+                    message = (f"{url}: the tar data is truncated or corrupt {after} ({type(err).__name__}: {err}); "
+                               f"re-write the shard (`cmkd prepare`), or set datasets.webdataset.on_error = 'skip' "
+                               f"to skip the rest of it")
+                    if on_error == "skip":
+                        (skipped if skipped is not None else SkipCounter()).record(SampleError(message, "shard"))
+                        return
+                    raise ShardError(message, corrupt=True) from err
                 raise ShardError(
                     f"{url}: read failed {failures} times in a row after {done} samples "
-                    f"(last error {type(err).__name__}: {err}); check the network/storage, raise retries=, "
-                    f"or re-write the shard if it is corrupt"
+                    f"(last error {type(err).__name__}: {err}); the storage is unreachable or failing: check the "
+                    f"network/storage, or raise datasets.webdataset.retries / backoff"
                 ) from err
-            time.sleep(backoff * 2 ** (failures - 1))
+            delay = backoff * 2 ** (failures - 1)
+            if skipped is not None:
+                skipped[RETRY] += 1  # not a skip: counted so the epoch's metrics show a flaky store
+            warnings.warn(f"{url}: read failed after {done} samples ({type(err).__name__}: {str(err)[:200]}); "
+                          f"retry {failures}/{retries} in {delay:.1f} s", stacklevel=2)
+            time.sleep(delay)
 
 
 def iter_records(urls: Iterable[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -151,12 +208,25 @@ def iter_records(urls: Iterable[str], **kwargs: Any) -> Iterator[dict[str, Any]]
 
 # -- records → samples -----------------------------------------------------------------------------
 class SkipCounter(Counter):
-    """Samples skipped under ``on_error="skip"``, per kind; warns on the first one."""
+    """Samples skipped under ``on_error="skip"``, per kind; warns on the first one.
+
+    Kinds: "audio" (undecodable), "empty" (0 frames), "nan" (NaN/Inf samples), "incomplete"
+    (no .json or no audio member), "metadata" (bad JSON), "label" (unknown label), "shard"
+    (truncated/corrupt tar: the rest of the shard). It also counts ``RETRY``: storage reads
+    retried after a transient error (nothing skipped). A DataLoader worker counts in its own
+    copy; the training stream carries each batch's new counts in ``batch["skipped"]``.
+    """
 
     def record(self, err: SampleError) -> None:
         if not self:
             warnings.warn(f"skipping unusable samples (on_error='skip'); first: {err}", stacklevel=3)
         self[err.kind] += 1
+
+
+def _audio_kind(err: AudioError) -> str:
+    # AudioError carries no kind; its messages are cmkd's own (cmkd/audio/io.py).
+    text = str(err)
+    return "empty" if "0 frames" in text else "nan" if "NaN or Inf" in text else "audio"
 
 
 class SampleDecoder:
@@ -214,7 +284,7 @@ class SampleDecoder:
             wave = load_audio(record[ext], sample_rate=self.sample_rate, name=f"{url} key {key!r} (.{ext})",
                               length=self.length, crop=self.crop, generator=generator)
         except AudioError as err:
-            raise SampleError(str(err), "audio") from None
+            raise SampleError(str(err), _audio_kind(err)) from None
         target = torch.zeros(len(self.class_index or {}), dtype=torch.float32)
         target[ids] = 1.0
         return {"key": key, "wave": wave, "labels": labels, "target": target}
@@ -263,7 +333,8 @@ def iter_samples(
     """Decoded samples of ``urls`` in shard order (``class_index=None`` skips label checks)."""
     decoder = SampleDecoder(sample_rate=sample_rate, class_index=class_index, multilabel=multilabel,
                             length=length, crop=crop, on_error=on_error, skipped=skipped)
-    for record in iter_records(urls, retries=retries, backoff=backoff, storage_options=storage_options):
+    for record in iter_records(urls, retries=retries, backoff=backoff, storage_options=storage_options,
+                               on_error=on_error, skipped=decoder.skipped):
         sample = decoder(record)
         if sample is not None:
             yield sample
@@ -276,7 +347,7 @@ EVAL_SPLIT_NAMES = ("eval", "val", "test")
 class ShardDataset:
     """A prepared dataset (``dataset.json`` + tar shards) as training and evaluation loaders."""
 
-    def __init__(self, root: str, *, train_split: str = "train", eval_split: str | None = None, num_workers: int = 2,
+    def __init__(self, root: str, *, train_split: str | Sequence[str] = "train", eval_split: str | None = None, num_workers: int = 2,
                  shuffle_buffer: int = 256, balanced: bool = False, balanced_max_labels: int | None = None,
                  retries: int = 5, backoff: float = 0.5, on_error: str = "raise", prefetch_factor: int = 2,
                  storage_options: dict[str, Any] | None = None):
@@ -290,24 +361,32 @@ class ShardDataset:
         m = self.manifest
         self.classes, self.num_classes, self.multilabel = list(m.classes), m.num_classes, m.multilabel
         self.sample_rate, self.clip_samples, self.norm = m.sample_rate, m.clip_samples, m.norm
-        if train_split not in m.splits:
-            raise ManifestError(f"{self.root}: no training split {train_split!r}; it has {sorted(m.splits)}. Set train_split=")
-        self.train_split = train_split
+        # Several training splits (e.g. ESC-50 folds 1-4) are read as one: their shards concatenated.
+        self.train_splits = _split_list(train_split, self.root, m)
+        self.train_split = "+".join(self.train_splits)
         if eval_split is None:
             eval_split = next((s for s in EVAL_SPLIT_NAMES if s in m.splits), None)
         elif eval_split not in m.splits:
             raise ManifestError(f"{self.root}: no eval split {eval_split!r}; it has {sorted(m.splits)}. Set eval_split=")
+        if eval_split is not None and eval_split in self.train_splits:
+            raise ManifestError(f"{self.root}: split {eval_split!r} is both a training and the eval split; "
+                                f"take it out of train_split or pick another eval_split")
         self.eval_split = eval_split
         self.num_workers, self.shuffle_buffer, self.prefetch_factor = num_workers, shuffle_buffer, prefetch_factor
         self.retries, self.backoff, self.on_error = retries, backoff, on_error
         self.skipped = SkipCounter()  # exact with num_workers=0; workers keep (and warn about) their own
         self.balance: BalancedRejection | None = None
         if balanced:
-            counts = (m.label_counts or {}).get(train_split)
-            if counts is None:
-                raise ManifestError(f"{self.root}: balanced=True needs label_counts for split {train_split!r} in "
+            per_split = [(m.label_counts or {}).get(s) for s in self.train_splits]
+            lacking = [s for s, c in zip(self.train_splits, per_split) if c is None]
+            if lacking:
+                raise ManifestError(f"{self.root}: balanced=True needs label_counts for split(s) {lacking} in "
                                     f"dataset.json; re-run `cmkd prepare` to record them")
-            max_labels = balanced_max_labels if balanced_max_labels is not None else m.splits[train_split].max_labels
+            counts = [sum(col) for col in zip(*per_split)]
+            max_labels = balanced_max_labels
+            if max_labels is None:
+                known = [m.splits[s].max_labels for s in self.train_splits]
+                max_labels = None if None in known else max(known)  # type: ignore[type-var]
             self.balance = BalancedRejection(counts, max_labels)
         self._warned_few_shards = False
 
@@ -323,11 +402,11 @@ class ShardDataset:
     def _reader(self) -> Callable[[str], Iterator[dict[str, Any]]]:
         # A partial (not a lambda) so the stream pickles for spawn-started workers.
         return functools.partial(iter_shard, retries=self.retries, backoff=self.backoff,
-                                 storage_options=self.storage_options)
+                                 storage_options=self.storage_options, on_error=self.on_error, skipped=self.skipped)
 
     @property
     def train_samples(self) -> int:
-        return self.manifest.splits[self.train_split].samples
+        return sum(self.manifest.splits[s].samples for s in self.train_splits)
 
     @property
     def eval_samples(self) -> int:
@@ -338,10 +417,16 @@ class ShardDataset:
             raise ValueError(f"steps_per_epoch: batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
         return max(1, math.ceil(self.train_samples / (batch_size * world_size)))
 
-    def train_loader(self, batch_size: int, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1) -> Loader:
-        """Exactly ``steps_per_epoch(batch_size, world_size)`` batches on every rank."""
+    def train_loader(self, batch_size: int, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                     start_step: int = 0, resume: dict[int, str] | None = None) -> Loader:
+        """Exactly ``steps_per_epoch(batch_size, world_size)`` batches on every rank.
+
+        ``start_step``/``resume`` continue an epoch from a checkpoint: the batches' ``stream_state``
+        entries, collected per logical worker, make the rest of the epoch identical to a run
+        that never stopped.
+        """
         _check_rank(rank, world_size)
-        urls = self.manifest.shard_urls(self.train_split)
+        urls = [url for s in self.train_splits for url in self.manifest.shard_urls(s)]
         slots = world_size * max(1, self.num_workers)
         if len(urls) < slots and not self._warned_few_shards:
             self._warned_few_shards = True
@@ -352,8 +437,10 @@ class ShardDataset:
         steps = self.steps_per_epoch(batch_size, world_size)
         stream = TrainStream(urls, self._reader(), self._decoder("random"), batch_size=batch_size, steps=steps,
                              seed=seed, epoch=epoch, rank=rank, shuffle_buffer=self.shuffle_buffer,
-                             balance=self.balance, split_samples=self.train_samples)
-        return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor, length=steps,
+                             balance=self.balance, split_samples=self.train_samples, start_step=start_step,
+                             resume=resume)
+        return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                      length=steps - start_step,
                       what=f"train loader of {self.root} (rank {rank})")
 
     def eval_loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, split: str | None = None) -> Loader:
@@ -369,6 +456,19 @@ class ShardDataset:
                       what=f"eval loader of {self.root} (rank {rank})")
 
 
+def _split_list(train_split: str | Sequence[str], root: str, m: Manifest) -> list[str]:
+    """``"train"`` or ``["fold1", "fold2", ...]`` → a checked, non-empty list without repeats."""
+    splits = [train_split] if isinstance(train_split, str) else list(train_split)
+    if not splits or not all(isinstance(s, str) for s in splits):
+        raise ManifestError(f"{root}: train_split must be a split name or a non-empty list of names, got {train_split!r}")
+    if len(set(splits)) != len(splits):
+        raise ManifestError(f"{root}: train_split {splits} names a split twice; list each split once")
+    missing = [s for s in splits if s not in m.splits]
+    if missing:
+        raise ManifestError(f"{root}: no training split(s) {missing}; it has {sorted(m.splits)}. Set train_split=")
+    return splits
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size}); check the distributed setup")
@@ -377,7 +477,7 @@ def _check_rank(rank: int, world_size: int) -> None:
 @datasets.register("webdataset")
 def webdataset(
     root: str,
-    train_split: str = "train",
+    train_split: str | Sequence[str] = "train",
     eval_split: str | None = None,
     num_workers: int = 2,
     shuffle_buffer: int = 256,
@@ -391,6 +491,7 @@ def webdataset(
 ) -> ShardDataset:
     """Tar shards + dataset.json at any fsspec URL, streamed by DataLoader workers.
 
+    ``train_split`` may list several splits, read as one (ESC-50: four folds for training).
     ``eval_split=None`` picks "eval", "val" or "test", whichever exists first. ``balanced``
     turns on AudioSet-style balanced sampling (see :class:`BalancedRejection`).
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3).
