@@ -19,13 +19,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors users can fix: printed as one clear message (exit code 2), not a traceback."""
     from cmkd.audio.io import AudioError
     from cmkd.config import ConfigError
+    from cmkd.data.manifest import ManifestError
+    from cmkd.data.stream import SampleError, ShardError
     from cmkd.registry import RegistryError
     from cmkd.train.checkpoint import CheckpointError
     from cmkd.train.distributed import DistributedSetupError
     from cmkd.train.loop import TrainingError
 
     return (ConfigError, RegistryError, CheckpointError, TrainingError, AudioError, FileNotFoundError,
-            DistributedSetupError)
+            DistributedSetupError, ManifestError, ShardError, SampleError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -65,7 +67,18 @@ def run(
         finally:
             distributed.shutdown()
     except _user_errors() as err:
-        fail(str(err))
+        fail(_message(err))
+
+
+def _message(err: BaseException) -> str:
+    """The error's own message: without the DataLoader worker's traceback text and without the
+    "In call to configurable 'train' (<function ...>)" lines gin appends on the way out."""
+    import re
+
+    from cmkd.data.stream import worker_error_message
+
+    return re.sub(r"\n\s*In call to configurable '[^']*' \([^\n]*\)(?: in scope '[^']*')?", "",
+                  worker_error_message(err))
 
 
 def _launch_local(nproc: int, max_restarts: int = 0) -> None:

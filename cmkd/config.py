@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import logging
 import os
 import re
+import tokenize
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -68,18 +70,72 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     for folder in _search_paths(paths):
         if str(folder) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - no public getter
             gin.add_config_file_search_path(str(folder))
+    _SOURCES[:] = [(str(f), f.read_text().splitlines()) for f in _gin_files(paths)] + [("--bind", list(bindings))]
+    path = paths[0] if paths else None
     try:
         with _quiet_gin_lookups():
             for path in paths:
                 gin.parse_config_file(str(path))
     except (ValueError, TypeError, IOError, SyntaxError) as err:
-        raise ConfigError(_explain(err)) from None
+        raise ConfigError(_suggest_parameter(_explain(err))) from None
+    except tokenize.TokenError as err:  # gin lets the tokenizer's error through, with no file name
+        raise ConfigError(f"{path} (or a file it includes): the file ends inside an open bracket or string "
+                          f"({err.args[0]}); close the bracket or quote") from None
     for binding in bindings:
         try:
             gin.parse_config(binding)
-        except (ValueError, TypeError, SyntaxError) as err:
-            raise ConfigError(f"in --bind {binding!r}: {_explain(err)}") from None
+        except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as err:
+            raise ConfigError(f"in --bind {binding!r}: {_suggest_parameter(_explain(err))}") from None
     return gin.config_str()
+
+
+# (file, lines) of the last parse: gin files with their includes, then the --bind values.
+_SOURCES: list[tuple[str, list[str]]] = []
+_UNKNOWN_PARAM = re.compile(r"Configurable '([\w./]+)' doesn't have a parameter named '(\w+)'")
+
+
+def _gin_files(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` and every file they include, resolved like gin does (own folder, then gin/)."""
+    files: list[Path] = []
+    todo = list(paths)
+    while todo:
+        file = todo.pop(0)
+        if file in files or not file.is_file():
+            continue
+        files.append(file)
+        for inc in _INCLUDE.findall(file.read_text()):
+            todo.extend(base / inc for base in (file.parent, recipes_dir()) if (base / inc).is_file())
+    return files
+
+
+def binding_location(configurable: str, param: str, scope: str | None = None) -> str | None:
+    """Where the last parse bound ``[scope/]configurable.param``: "file:line" or "--bind '...'"
+    (the last binding wins, as in gin; a scoped one over an unscoped one)."""
+    found: dict[bool, str] = {}
+    pattern = re.compile(rf"^\s*(?:([\w.]+)/)?{re.escape(configurable)}\.{re.escape(param)}\s*=")
+    for source, lines in _SOURCES:
+        for number, line in enumerate(lines, 1):
+            match = pattern.match(line)
+            if match and match.group(1) in (None, scope):
+                found[match.group(1) is not None] = (f"{source}:{number}" if source != "--bind"
+                                                     else f"--bind {line.strip()!r}")
+    return found.get(True) or found.get(False)
+
+
+def _suggest_parameter(msg: str) -> str:
+    """gin names an unknown parameter but not the right one: add the close matches."""
+    if "Failed to parse token" in msg:
+        return f"{msg}\nValues are Python literals: quote strings ('text'), reference components as @kind.name"
+    match = _UNKNOWN_PARAM.search(msg)
+    if not match:
+        return msg
+    try:
+        params = list(inspect.signature(gin.get_configurable(match.group(1))).parameters)
+    except (ValueError, TypeError):
+        return msg
+    close = difflib.get_close_matches(match.group(2), params, n=3, cutoff=0.6)
+    hint = f"Did you mean {', '.join(repr(c) for c in close)}?" if close else f"Its parameters: {', '.join(params)}."
+    return f"{msg}\n{hint}"
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -11,7 +12,7 @@ import gin
 from cmkd import storage
 from cmkd.config import ConfigError
 from cmkd.train import checkpoint, distributed
-from cmkd.train.loop import StageContext, train
+from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.progress import console, out, table
 
 
@@ -68,23 +69,31 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
             )
         return url
 
+    if len(set(exp.stages)) != len(exp.stages):
+        raise ConfigError(f"experiment.stages = {list(exp.stages)} names a stage twice; give each stage its own name")
+    # Rank 0 decides for all: ranks that disagreed (a stale listing cache, a run folder not
+    # shared between nodes) would enter different collectives and hang.
+    finished = {stage: distributed.broadcast_object(
+        env, finished_summary(stage_dir(runs_root, exp.name, stage)) if env.is_main else None) for stage in exp.stages}
+    preflight(exp, runs_root, config_text, env, finished, resolve_teacher)
+
     summaries: dict[str, dict[str, Any]] = {}
     for stage in exp.stages:
         directory = stage_dir(runs_root, exp.name, stage)
-        # Rank 0 decides for all: ranks that disagreed (a stale listing cache, a run folder not
-        # shared between nodes) would enter different collectives and hang.
-        done = distributed.broadcast_object(env, finished_summary(directory) if env.is_main else None)
+        done = finished[stage]
         if done is not None:
             if env.is_main:
                 console.print(f"[green]reusing finished stage[/] {exp.name}/{stage} ({directory}); "
                               f"delete that folder to train it again")
             summaries[stage] = done
             continue
-        partial = distributed.broadcast_object(
-            env, storage.exists(storage.join(directory, "checkpoints", "last.pt")) if env.is_main else None)
+        # previous.pt alone: killed between resume.save's rename of last.pt and the new write.
+        partial = distributed.broadcast_object(env, next(
+            (name for name in ("last.pt", "previous.pt")
+             if storage.exists(storage.join(directory, "checkpoints", name))), None) if env.is_main else None)
         if partial and not resume:
             raise checkpoint.CheckpointError(
-                f"stage {exp.name}/{stage} stopped part-way ({directory}/checkpoints/last.pt exists); "
+                f"stage {exp.name}/{stage} stopped part-way ({directory}/checkpoints/{partial} exists); "
                 f"pass --resume to continue it, or delete {directory} to start it over"
             )
         if env.is_main:
@@ -97,6 +106,43 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
         out.print(comparison_table(exp.name, summaries))
         write_run_report(storage.join(runs_root, exp.name), env.device)
     return summaries
+
+
+def preflight(exp: Experiment, runs_root: str, config_text: str, env: distributed.DistEnv,
+              finished: dict[str, Any], resolve_teacher: Any) -> None:
+    """Check every stage that will train before the first one does, so a typo in the student's
+    settings never costs the teacher's training: settings' types, datasets (opened), strategies
+    (built), teachers (a stage listed earlier, or an existing checkpoint, with the same classes)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for index, stage in enumerate(exp.stages):
+        if finished[stage] is not None:
+            continue
+
+        def resolve(ref: str, which: str = "best", index: int = index, stage: str = stage) -> str | None:
+            if ref not in exp.stages:
+                close = difflib.get_close_matches(ref, list(exp.stages), n=1)
+                raise ConfigError(
+                    f"stage {stage!r} names teacher {ref!r}, which is not a stage of experiment {exp.name!r} "
+                    f"{list(exp.stages)}{f' (did you mean {close[0]!r}?)' if close else ''} nor a checkpoint path "
+                    f"ending in .pt; fix the strategy's teacher(s) in the gin file")
+            if finished[ref] is not None:
+                return resolve_teacher(ref, which)  # trained before: its checkpoint must be there
+            if exp.stages.index(ref) >= index:
+                raise ConfigError(
+                    f"stage {stage!r} learns from stage {ref!r}, which comes {'later' if ref != stage else 'itself'} "
+                    f"in experiment.stages = {list(exp.stages)}; list {ref!r} before {stage!r}")
+            return None  # trained earlier in this run
+
+        ctx = StageContext(exp.name, stage, stage_dir(runs_root, exp.name, stage), config_text, env, resolve,
+                           extra={"preflight": True})
+        with gin.config_scope(stage):
+            seen[stage] = train(ctx)
+        for ref in seen[stage]["teachers"]:
+            if ref in seen and seen[ref]["classes"] != seen[stage]["classes"]:
+                raise TrainingError(
+                    f"stage {stage!r} distils from stage {ref!r}, but their datasets have different classes "
+                    f"({seen[ref]['classes'][:5]}... vs {seen[stage]['classes'][:5]}...); give both stages the same "
+                    f"dataset")
 
 
 def write_run_report(run_dir: str, device: Any) -> None:

@@ -218,7 +218,7 @@ class SkipCounter(Counter):
     """
 
     def record(self, err: SampleError) -> None:
-        if not self:
+        if not any(kind != RETRY for kind in self):
             warnings.warn(f"skipping unusable samples (on_error='skip'); first: {err}", stacklevel=3)
         self[err.kind] += 1
 

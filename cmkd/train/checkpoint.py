@@ -42,6 +42,11 @@ def load(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
             f"no checkpoint at {url}: train that stage first (cmkd run ...), or check the path"
         ) from None
     try:
+        # torch.load checks the zip structure but not the CRC-32 of each stored tensor: a flipped
+        # bit in the weights would load silently. testzip() checks every member's CRC.
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"CRC-32 mismatch in member {bad!r}")
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
 import random
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from cmkd import storage
+from cmkd.config import ConfigError
+from cmkd.data.stream import RETRY, SampleError, ShardError, worker_error_message
 from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model
@@ -91,11 +95,18 @@ def train(
     ``compile``: torch.compile the student and the teachers (in place: checkpoints keep their keys).
     """
     if on_nan not in ("raise", "skip"):
-        raise ValueError(f"train.on_nan = {on_nan!r} is not one of 'raise', 'skip'")
+        raise ConfigError(f"train.on_nan = {on_nan!r} (stage {ctx.stage!r}) is not one of 'raise', 'skip'")
+    check_settings(ctx.stage, "train", dict(
+        epochs=epochs, batch_size=batch_size, grad_clip=grad_clip, mixup=mixup, mixup_alpha=mixup_alpha, freqm=freqm,
+        timem=timem, amp=amp, seed=seed, teacher_checkpoint=teacher_checkpoint, average_last=average_last,
+        checkpoint_every=checkpoint_every, deterministic=deterministic, log_every=log_every, log_steps=log_steps,
+        compile=compile))
     env = ctx.env
     device = env.device
     seed_everything(seed + env.rank)
     ds = dataset if not callable(dataset) or hasattr(dataset, "train_loader") else call_with_context(dataset)
+    if ctx.extra.get("preflight"):  # cmkd.experiment checks every stage before the first one trains
+        return preflight(ctx, ds, strategy, loss, mixup, teacher_checkpoint)
     norm = (ds.norm.mean, ds.norm.std) if ds.norm else None
     featurizer = build_frontend(sample_rate=ds.sample_rate, dataset_norm=norm).to(device)
     model = build_classifier(num_classes=ds.num_classes, in_shape=tuple(featurizer.out_shape)).to(device)
@@ -139,19 +150,38 @@ def train(
         norm=list(norm) if norm else None,
     )
     pos = resuming.Position()
-    stream_resume = _resume(ckpt_dir, env, model, optimizer, scheduler, gen, pos) if ctx.resume else {}
+    stream_resume = _resume(ckpt_dir, env, model, optimizer, scheduler, gen, pos, ctx.extra) if ctx.resume else {}
     if deterministic:
         torch.use_deterministic_algorithms(True)
-    nan_skipped = 0
+    nan_skipped = int(ctx.extra.get("nan_skipped", 0))  # restored by _resume
+    data_skipped: Counter = Counter(ctx.extra.get("data_skipped", {}))  # this rank, this epoch, from every worker
     steps_log = _steps_so_far(ctx, pos.step) if log_steps and ctx.resume else []
 
     def save_state(record: dict[str, Any] | None) -> None:
         # A collective: every rank contributes its generators and stream cursors; rank 0 writes.
-        rank_states = distributed.gather_objects(env, resuming.rank_state(env, gen, pos))
+        rank_states = distributed.gather_objects(
+            env, dict(resuming.rank_state(env, gen, pos), skipped=json.dumps(dict(data_skipped))))
         if env.is_main:
             resuming.save(ckpt_dir, dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                          scheduler=scheduler.state_dict(), metrics=record or {}, rank_states=rank_states,
-                                         world_size=env.world_size, **pos.to_payload()))
+                                         world_size=env.world_size, nan_skipped=nan_skipped, **pos.to_payload()))
+            if log_steps and record is None:  # a mid-epoch state: its steps must survive a restart too
+                storage.write_text(storage.join(ctx.stage_dir, "steps.jsonl"),
+                                   "".join(json.dumps(r) + "\n" for r in steps_log))
+
+    def data_failed(err: Exception, epoch: int) -> None:
+        # A shard or sample that cannot be read stops the run; a lone process first saves the state
+        # at this very step (ranks cannot: the others wait in a collective), so --resume loses nothing.
+        last = storage.join(ckpt_dir, resuming.LAST)
+        kept = f"the last checkpoint is {last}"
+        if not env.distributed:
+            try:
+                save_state(None)
+                kept = f"the training state at step {pos.step} is saved in {last}"
+            except Exception as save_err:  # noqa: BLE001 - e.g. the run folder is on the same dead store
+                kept = f"saving the training state failed too ({type(save_err).__name__}: {save_err}); {kept}"
+        raise TrainingError(f"{ctx.stage}: epoch {epoch + 1}, step {pos.step}: {worker_error_message(err)}\n"
+                            f"{kept}; fix the data or storage, then run again with --resume") from None
 
     t_start = time.perf_counter()
     if env.is_main:
@@ -172,7 +202,8 @@ def train(
             # Exactly steps_per_epoch steps on every rank, whatever the loader yields: a rank with
             # one step more or less would wait forever in DDP's gradient all-reduce.
             waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
-            for batch in waits.wrap(itertools.islice(loader, steps_per_epoch - pos.step_in_epoch)):
+            batches = _data_guard(loader, lambda err: data_failed(err, epoch), data_skipped)
+            for batch in waits.wrap(itertools.islice(batches, steps_per_epoch - pos.step_in_epoch)):
                 worker, cursor = batch.pop("stream_state", (None, None))
                 if worker is not None:
                     pos.stream[worker] = cursor
@@ -216,9 +247,14 @@ def train(
                 )
             distributed.sync_buffers(env, model)  # evaluate (and save) rank 0's BatchNorm statistics everywhere
             train_loss = distributed.all_reduce_mean(env, pos.running / max(1, pos.seen))
-            metrics, _ = evaluate(env, [model], featurizer, ds.eval_loader(batch_size, rank=env.rank, world_size=env.world_size),
+            eval_skipped: Counter = Counter()
+            metrics, _ = evaluate(env, [model], featurizer,
+                                  _data_guard(ds.eval_loader(batch_size, rank=env.rank, world_size=env.world_size),
+                                              lambda err: data_failed(err, epoch), eval_skipped),
                                   ds.multilabel, loss_fn, amp)
+            skipped, retries = _sum_counts(distributed.gather_objects(env, (dict(data_skipped), dict(eval_skipped))))
             record = dict(epoch=epoch + 1, step=pos.step, train_loss=train_loss, nan_skipped=nan_skipped, lr=optimizer.param_groups[0]["lr"],
+                          skipped_samples=skipped, read_retries=retries,
                           epoch_seconds=time.perf_counter() - t_epoch, clips_per_s=bar.clips_per_second,
                           **waits.record(time.perf_counter() - t_epoch),
                           **{f"eval_{k}": v for k, v in metrics.items()})
@@ -227,6 +263,7 @@ def train(
             if improved:
                 pos.best = record
             pos.epoch, pos.step_in_epoch, pos.running, pos.seen, pos.stream = epoch + 1, 0, 0.0, 0, {}
+            data_skipped.clear()
             averager.add(epoch + 1, model, dict(meta, epoch=epoch + 1, step=pos.step, metrics=record), env)
             save_state(record)  # after the epoch's weights file: a resumed run never lacks one
             if env.is_main:
@@ -239,7 +276,8 @@ def train(
                     storage.write_text(storage.join(ctx.stage_dir, "steps.jsonl"),
                                        "".join(json.dumps(r) + "\n" for r in steps_log))
                 bar.note(f"  epoch {epoch + 1}: train loss {train_loss:.4f}, eval {metric_name} "
-                         f"{metrics[metric_name]:.4f}{' (best)' if improved else ''}")
+                         f"{metrics[metric_name]:.4f}{' (best)' if improved else ''}"
+                         f"{_skip_note(skipped, retries, nan_skipped)}")
             distributed.barrier(env)
 
     averaged = averager.finish(
@@ -262,8 +300,9 @@ def train(
 
 
 def _resume(ckpt_dir: str, env: distributed.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, gen: torch.Generator, pos: resuming.Position) -> dict[int, str]:
-    """Load the newest training state into the live objects; returns this rank's stream cursors."""
+            scheduler: Any, gen: torch.Generator, pos: resuming.Position, counters: dict[str, Any]) -> dict[int, str]:
+    """Load the newest training state into the live objects; returns this rank's stream cursors
+    (and puts the skip counters so far into ``counters``)."""
     payload = resuming.load_latest(ckpt_dir)
     if payload is None:
         if env.is_main:
@@ -273,6 +312,9 @@ def _resume(ckpt_dir: str, env: distributed.DistEnv, model: nn.Module, optimizer
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     pos.__dict__.update(resuming.position_from(payload).__dict__)
+    counters["nan_skipped"] = int(payload.get("nan_skipped", 0))
+    if int(payload.get("world_size", 1)) == env.world_size:
+        counters["data_skipped"] = json.loads(payload["rank_states"][env.rank].get("skipped", "{}"))
     if env.is_main:
         console.print(f"[green]resuming[/] at epoch {pos.epoch + 1}, step {pos.step} from {ckpt_dir}")
     if int(payload.get("world_size", 1)) != env.world_size:
@@ -315,9 +357,146 @@ def _check_teacher(teacher: LoadedModel, ds: Any, featurizer: nn.Module, url: st
 def _non_finite(ctx: StageContext, step: int, batch: dict, loss: torch.Tensor) -> None:
     last = storage.join(ctx.stage_dir, "checkpoints", "last.pt")
     raise TrainingError(
-        f"{ctx.stage}: loss is {float(loss)} at step {step} (batch keys {list(batch['key'])[:8]}); "
+        f"{ctx.stage}: loss is {float(loss.detach())} at step {step} (batch keys {list(batch['key'])[:8]}); "
         f"the last good checkpoint is {last}. Lower optimizer.lr, set train.grad_clip, or check those clips."
     )
+
+
+def _data_guard(batches: Iterable[dict], failed: Callable[[Exception], None], skipped: Counter) -> Iterator[dict]:
+    """A loader's batches, each one's skip counts (``batch["skipped"]``, from whichever worker
+    made it) added to ``skipped``; a shard or sample that cannot be read goes to ``failed``."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ShardError, SampleError) as err:
+            failed(err)
+            raise
+        counts = batch.pop("skipped", None) if isinstance(batch, dict) else None
+        if counts:
+            skipped.update(counts)
+        yield batch
+
+
+def _sum_counts(parts: list[tuple[dict[str, int], dict[str, int]]]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Every rank's (train, eval) counts → skips ``{"train": {kind: n}, "eval": {kind: n}}`` and
+    retried storage reads ``{"train": n, "eval": n}``."""
+    total: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
+    for train_counts, eval_counts in parts:
+        total["train"].update(train_counts)
+        total["eval"].update(eval_counts)
+    retries = {k: v.pop(RETRY, 0) for k, v in total.items()}
+    return {k: dict(sorted(v.items())) for k, v in total.items()}, retries
+
+
+def _skip_note(skipped: dict[str, dict[str, int]], retries: dict[str, int], nan_skipped: int) -> str:
+    parts = [f"{split} " + ", ".join(f"{kind} {n}" for kind, n in counts.items())
+             for split, counts in skipped.items() if counts]
+    note = f"; skipped unusable samples (on_error='skip'): {' · '.join(parts)}" if parts else ""
+    if sum(retries.values()):
+        note += f"; {sum(retries.values())} storage read(s) failed and were retried"
+    return note + (f"; {nan_skipped} step(s) skipped for a non-finite loss so far" if nan_skipped else "")
+
+
+# Light type checks for what gin cannot check (it binds any literal): name → (types, test, what).
+_INT, _NUM, _BOOL = (int,), (int, float), (bool,)
+_SETTINGS: dict[str, dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]]] = {
+    "train": {
+        "epochs": (_INT, lambda v: v >= 1, "an integer >= 1"),
+        "batch_size": (_INT, lambda v: v >= 1, "an integer >= 1"),
+        "grad_clip": ((int, float, type(None)), lambda v: v is None or v > 0, "a number > 0, or None"),
+        "mixup": (_NUM, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "mixup_alpha": (_NUM, lambda v: v > 0, "a number > 0"),
+        "freqm": (_INT, lambda v: v >= 0, "an integer >= 0"),
+        "timem": (_INT, lambda v: v >= 0, "an integer >= 0"),
+        "amp": (_BOOL, lambda v: True, "True or False"),
+        "seed": (_INT, lambda v: True, "an integer"),
+        "teacher_checkpoint": ((str,), lambda v: v in ("best", "last", "averaged"), "'best', 'last' or 'averaged'"),
+        "average_last": (_INT, lambda v: v >= 0, "an integer >= 0"),
+        "checkpoint_every": (_INT, lambda v: v >= 0, "an integer >= 0 (0: per epoch only)"),
+        "deterministic": (_BOOL, lambda v: True, "True or False"),
+        "log_every": (_INT, lambda v: v >= 1, "an integer >= 1"),
+        "log_steps": (_BOOL, lambda v: True, "True or False"),
+        "compile": (_BOOL, lambda v: True, "True or False"),
+    },
+    "optimizer": {
+        "name": ((str,), lambda v: v in ("adamw", "adam", "sgd"), "'adamw', 'adam' or 'sgd'"),
+        "lr": (_NUM, lambda v: v > 0, "a number > 0"),
+        "weight_decay": (_NUM, lambda v: v >= 0, "a number >= 0"),
+        "betas": ((tuple, list), lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                               and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    },
+    "schedule": {
+        "kind": ((str,), lambda v: v in ("cosine", "step", "constant"), "'cosine', 'step' or 'constant'"),
+        "warmup_steps": (_INT, lambda v: v >= 0, "an integer >= 0"),
+        "decay_start_epoch": (_INT, lambda v: v >= 0, "an integer >= 0"),
+        "decay_every": (_INT, lambda v: v >= 1, "an integer >= 1"),
+        "decay_factor": (_NUM, lambda v: v > 0, "a number > 0"),
+        "min_ratio": (_NUM, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    },
+}
+
+
+def check_settings(stage: str, configurable: str, values: dict[str, Any]) -> None:
+    """Raise ConfigError for the first value of the wrong type or range, naming the binding and
+    where it was set (gin binds whatever literal it is given: ``train.epochs = 'three'``)."""
+    for name, value in values.items():
+        spec = _SETTINGS[configurable].get(name)
+        if spec is None:
+            continue
+        types, ok, what = spec
+        right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not right_type or not ok(value):
+            from cmkd.config import binding_location
+
+            where = binding_location(configurable, name, stage)
+            raise ConfigError(f"{configurable}.{name} = {value!r} (stage {stage!r}) must be {what}"
+                              f"{f'; set at {where}' if where else ''}. Fix it in the gin file or with --bind")
+
+
+def preflight(ctx: StageContext, ds: Any, strategy: Any, loss: Any, mixup: float,
+              teacher_checkpoint: str) -> dict[str, Any]:
+    """Check a stage without training it (run for every stage before the first one trains):
+    its train/optimizer/schedule settings, its dataset (opened: the manifest is read), and its
+    strategy when it has teachers (built with every teacher reference resolved by
+    ``ctx.resolve_teacher`` and checked, but not loaded). Returns the
+    dataset's classes and the teacher references, for the experiment's cross-stage checks."""
+    if not hasattr(ds, "train_loader"):
+        raise ConfigError(f"stage {ctx.stage!r}: train.dataset is {ds!r}, not a dataset; bind a registered one, "
+                          f"e.g. train.dataset = @datasets.webdataset (`cmkd registry datasets` lists them)")
+    check_settings(ctx.stage, "optimizer", gin.get_bindings("optimizer"))
+    check_settings(ctx.stage, "schedule", gin.get_bindings("schedule"))
+    refs: list[str] = []
+
+    def check_teacher(ref: str) -> nn.Module:
+        refs.append(ref)
+        if not isinstance(ref, str):
+            raise ConfigError(f"stage {ctx.stage!r}: a teacher must be a stage name or a .pt path, got {ref!r}")
+        url = ref if ref.endswith(".pt") else averaging.teacher_url(ctx.resolve_teacher, ref, teacher_checkpoint)
+        if url is not None:  # None: a stage this run trains first; its checkpoint does not exist yet
+            if not storage.exists(url):
+                raise checkpoint.CheckpointError(f"stage {ctx.stage!r}: teacher checkpoint {url} does not exist; "
+                                                 f"check the path, or train that stage first")
+            classes = checkpoint.load(url)["classes"]
+            if list(classes) != list(ds.classes):
+                raise TrainingError(f"teacher {url} was trained on classes {list(classes)[:5]}... but stage "
+                                    f"{ctx.stage!r} trains on {list(ds.classes)[:5]}...; distil on the dataset the "
+                                    f"teacher was trained on")
+        return nn.Identity()  # stands in for the teacher: nothing is loaded at the door
+
+    factory = strategy or strategies.get("none")
+    if not callable(factory) or "load_teacher" not in inspect.signature(factory).parameters:
+        return {"classes": list(ds.classes), "teachers": refs}  # no teachers to check; build it at the stage
+    try:
+        call_with_context(factory, loss=_build_loss(loss, ds.multilabel), multilabel=ds.multilabel,
+                          load_teacher=check_teacher, device=torch.device("cpu"), dataset=ds, mixup=mixup)
+    except (ConfigError, TrainingError, checkpoint.CheckpointError):
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"stage {ctx.stage!r}: its strategy cannot be built: {err}") from None
+    return {"classes": list(ds.classes), "teachers": refs}
 
 
 def compile_models(*modules: nn.Module) -> None:
