@@ -1,7 +1,285 @@
-"""(commands to come)"""
+"""Using a trained model: `cmkd eval`, `predict`, `embed`, `export`, `report`.
+
+Results go to stdout (rich tables for people, JSON/CSV for machines); notes, progress and
+per-file problems go to stderr. Bad input exits with code 2 and a message saying what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
 
 import typer
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+CLIP_HELP = "run the model on clips of this many seconds (an AST's positional embedding is resized; CNNs take any length)"
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `cmkd` app."""
+    app.command("eval")(eval_cmd)
+    app.command()(predict)
+    app.command()(embed)
+    app.command()(export)
+    app.command()(report)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from cmkd.cli import _user_errors
+    from cmkd.data.manifest import ManifestError
+    from cmkd.data.stream import SampleError, ShardError
+    from cmkd.infer.sources import InferError
+
+    return (*_user_errors(), InferError, ManifestError, ShardError, SampleError, PermissionError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """cmkd's error exit, with the message shown verbatim (paths and shapes may hold [brackets])."""
+    from rich.markup import escape
+
+    from cmkd.cli import fail as cli_fail
+
+    cli_fail(escape(message), code)
+
+
+def _emit(text: Any, output: Optional[str]) -> None:
+    """Print to stdout, or write the file atomically (a table as plain text)."""
+    from cmkd import storage
+    from cmkd.train.progress import console, out
+
+    if output is None:
+        if isinstance(text, str):
+            out.file.write(text)
+            out.file.flush()
+        else:
+            out.print(text)
+        return
+    if not isinstance(text, str):
+        import io
+
+        from rich.console import Console
+
+        rec = Console(record=True, width=120, file=io.StringIO())  # render only; export_text gives the text
+        rec.print(text)
+        text = rec.export_text()
+    storage.write_text(output, text)
+    console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+def _report_failures(failed: list[tuple[str, str]], scored: int, what: str) -> None:
+    from rich.markup import escape
+
+    from cmkd.train.progress import console
+
+    for path, why in failed:
+        console.print(f"[yellow]skipped[/] {escape(f'{path}: {why}')}", highlight=False)
+    if not scored:
+        fail(f"none of the {len(failed)} input(s) could be {what} (reasons above); give readable audio files "
+             f"(WAV, FLAC, OGG, MP3, ...)", code=1)
+    if failed:
+        console.print(f"{scored} file(s) {what}, {len(failed)} skipped", markup=False, highlight=False)
+
+
+def eval_cmd(
+    args: List[str] = typer.Argument(..., metavar="CKPT... DATA",
+                                     help="one or more checkpoints (or stage folders), then the dataset root"),
+    split: Optional[str] = typer.Option(None, help="split to score (default: eval, val or test)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    workers: int = typer.Option(2, help="data-loading processes (0: in this process)"),
+    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
+) -> None:
+    """Metrics (mAP, mAUC, d′, accuracy) on a prepared split; several checkpoints → their ensemble too."""
+    import json
+
+    from cmkd import components
+    from cmkd.infer.evaluate_cmd import check_compatible, open_split, predict_split, report, tables
+    from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
+
+    if len(args) < 2:
+        fail("give at least one checkpoint and then the dataset root, e.g. "
+             "cmkd eval runs/demo/student/checkpoints/best.pt /data/esc50")
+    *ckpts, data = args
+    components.load_all()  # checkpoints may name plugin components
+    try:
+        dev = device_of(device)
+        urls = [resolve_checkpoint(c) for c in ckpts]
+        models = [open_model(u, dev, clip_seconds) for u in urls]
+        chosen = open_split(data, split)
+        check_compatible(models, urls, chosen, data)
+        preds = predict_split(models, chosen.batches(batch_size, models[0].sample_rate, workers), dev)
+        result = report(preds, models, urls, data, chosen.name)
+    except _errors() as err:
+        fail(str(err))
+        return
+    if as_json:
+        _emit(json.dumps(result, indent=2) + "\n", None)
+    else:
+        for t in tables(result):
+            _emit(t, None)
+
+
+def predict(
+    checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
+    paths: List[str] = typer.Argument(..., help="audio files or folders (searched recursively)"),
+    window: Optional[float] = typer.Option(None, help="window length in seconds (default: the model's clip length)"),
+    hop: Optional[float] = typer.Option(None, help="hop between windows in seconds (default: the window)"),
+    reduce: str = typer.Option("mean", help="clip-level result over windows: mean or max"),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="labels per file"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table, json or csv (default: from --output's suffix, else table)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
+) -> None:
+    """Top-k labels for audio files; long files are scored in sliding windows."""
+    from cmkd import components
+    from cmkd.infer import predict as P
+    from cmkd.infer.loading import device_of, open_model
+    from cmkd.infer.sources import collect, require_sources
+
+    fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
+    if fmt not in P.FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(P.FORMATS)}")
+    if top_k < 1:
+        fail(f"--top-k must be at least 1, got {top_k}")
+    components.load_all()
+    try:
+        found = collect(paths)
+        require_sources(found)
+        dev = device_of(device)
+        model = open_model(checkpoint, dev, clip_seconds)
+        settings = P.settings_for(model, window, hop, reduce)
+        _note_window(model, settings.window_s)
+        preds = list(P.predict(model, found.sources, settings, batch_size=batch_size, device=dev))
+    except _errors() as err:
+        fail(str(err))
+        return
+    _note_skipped(found.skipped)
+    failed = found.missing + [(p.path, p.error) for p in preds if p.error is not None]
+    ok = [p for p in preds if p.error is None]
+    _report_failures(failed, len(ok), "scored")
+    _emit(P.render(fmt, model, settings, preds + [P.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
+                   min(top_k, len(model.classes))), output)
+
+
+def _note_window(model: Any, window_s: float) -> None:
+    from cmkd.infer.loading import input_seconds
+    from cmkd.train.progress import console
+
+    seen = input_seconds(model)
+    if seen is not None and window_s > seen + 1e-6:
+        console.print(f"note: the model's input spans {seen:.2f} s, so it sees only the start of each {window_s:g} s "
+                      f"window; pass --clip-seconds {window_s:g} to run it on whole windows", markup=False,
+                      highlight=False)
+
+
+def _note_skipped(skipped: list[str]) -> None:
+    from cmkd.train.progress import console
+
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        console.print(f"ignored {len(skipped)} file(s) without an audio extension in the folders given ({shown})",
+                      markup=False, highlight=False)
+
+
+def embed(
+    checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
+    paths: List[str] = typer.Argument(..., help="audio files or folders (searched recursively)"),
+    out_dir: str = typer.Option(..., "-o", "--out", help="folder for embeddings.npy and index.json"),
+    window: Optional[float] = typer.Option(None, help="window length in seconds (default: the model's clip length)"),
+    hop: Optional[float] = typer.Option(None, help="hop between windows in seconds (default: the window)"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
+    overwrite: bool = typer.Option(False, help="replace embeddings already in --out"),
+) -> None:
+    """Pooled embeddings (the classifier head's input) of audio files; long files → mean over windows."""
+    from cmkd import components
+    from cmkd.infer import embed as E
+    from cmkd.infer.loading import device_of, open_model
+    from cmkd.infer.predict import settings_for
+    from cmkd.infer.sources import collect, require_sources
+    from cmkd.train.progress import console
+
+    components.load_all()
+    try:
+        E.check_output(out_dir, overwrite)
+        found = collect(paths)
+        require_sources(found)
+        dev = device_of(device)
+        model = open_model(checkpoint, dev, clip_seconds)
+        settings = settings_for(model, window, hop, "mean")
+        _note_window(model, settings.window_s)
+        matrix, results = E.embed(model, found.sources, settings, batch_size=batch_size, device=dev)
+    except _errors() as err:
+        fail(str(err))
+        return
+    _note_skipped(found.skipped)
+    failed = found.missing + [(r.source.path, r.error) for r in results if r.error is not None]
+    _report_failures(failed, matrix.shape[0], "embedded")
+    meta = E.index(model, settings, results, model.classifier.embed_dim)
+    meta["errors"] += [{"path": p, "error": why} for p, why in found.missing]
+    E.write(out_dir, matrix, meta)
+    console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{E.EMBEDDINGS} "
+                  f"(row order in {E.INDEX})", markup=False, highlight=False)
+
+
+def export(
+    checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx or torchscript"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="file to write (default: next to the checkpoint)"),
+    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help="input length in seconds (default: the model's clip length)"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Export waveform → probabilities (fbank front end included) as ONNX or TorchScript."""
+    import torch
+
+    from cmkd import components
+    from cmkd.infer import export as X
+    from cmkd.infer.loading import open_model, resolve_checkpoint
+    from cmkd.train.progress import console
+
+    components.load_all()
+    try:
+        if fmt not in X.FORMATS:
+            raise X.InferError(f"--format {fmt!r}: use one of {', '.join(X.FORMATS)}")
+        url = resolve_checkpoint(checkpoint)
+        model = open_model(url, torch.device("cpu"), clip_seconds)  # exported graphs are traced on CPU
+        target = output or X.default_path(url, fmt)
+        done = X.export(model, fmt, target, model.clip_samples, overwrite)
+    except _errors() as err:
+        fail(str(err))
+        return
+    check = ("not checked (install onnxruntime to check it)" if done.max_abs_diff is None
+             else f"max |Δ probability| vs PyTorch on a check input: {done.max_abs_diff:.2e}")
+    console.print(f"wrote {done.path} ({fmt}): wave [batch, {done.num_samples}] float32 mono at {model.sample_rate} Hz "
+                  f"→ probabilities [batch, {len(model.classes)}] ({'sigmoid' if model.multilabel else 'softmax'}); "
+                  f"{check}", markup=False, highlight=False)
+
+
+def report(
+    run_dir: str = typer.Argument(..., help="a run folder runs/<experiment> or one stage folder in it"),
+    data: Optional[str] = typer.Option(None, help="dataset root for the confusion matrix (default: the stage's own dataset)"),
+    split: Optional[str] = typer.Option(None, help="split for the confusion matrix (default: the eval split)"),
+    out_dir: Optional[str] = typer.Option(None, "-o", "--out", help="where to write (default: RUN_DIR/report)"),
+    confusion: bool = typer.Option(True, "--confusion/--no-confusion", help="predict the eval split for confusion matrices"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Figures (training curves, confusion matrices) and report.md for a run."""
+    from cmkd import components
+    from cmkd.infer.loading import device_of
+    from cmkd.infer.report import write_report
+    from cmkd.train.progress import console
+
+    components.load_all()
+    try:
+        rep = write_report(run_dir, data=data, split=split, out_dir=out_dir, device=device_of(device),
+                           batch_size=batch_size, confusion=confusion)
+    except _errors() as err:
+        fail(str(err))
+        return
+    for note in rep.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    console.print(f"wrote {rep.markdown} with {', '.join(rep.figures)}", markup=False, highlight=False)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cmkd import config
+from cmkd.models.backbones.ast import AST, resize_ast_state_dict
 from cmkd.models.classifier import Classifier, build_classifier
 from cmkd.models.pretrained import skip_pretrained_weights
 from cmkd.registry import call_with_context
@@ -56,15 +57,42 @@ class LoadedModel:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
 
 
-def load_model(url: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild featurizer + classifier from a checkpoint's own config and weights."""
+def load_model(
+    url: str,
+    device: torch.device | str = "cpu",
+    *,
+    target_frames: int | None = None,
+    clip_seconds: float | None = None,
+) -> LoadedModel:
+    """Rebuild featurizer + classifier from a checkpoint's own config and weights.
+
+    ``target_frames`` / ``clip_seconds`` change the input length (either scales the other in
+    proportion): the featurizer pads/cuts to the new frame count and an AST's positional
+    embedding is resized per axis; CNNs take any length as is.
+    """
+    from cmkd import components  # late: components imports the training loop, which imports this module
+
+    components.load_all()  # the saved config names registered components; plain Python callers need them too
     ckpt = checkpoint.load(url)
     norm = ckpt.get("norm")
     # The checkpoint's weights replace any ImageNet init, so never download it here.
     with config.isolated(ckpt["config"], ckpt.get("stage")), skip_pretrained_weights():
         featurizer = build_frontend(sample_rate=ckpt["sample_rate"], dataset_norm=tuple(norm) if norm else None)
+        trained_shape = tuple(featurizer.out_shape)
+        if target_frames is not None or clip_seconds is not None:
+            ckpt["clip_samples"] = _set_length(url, featurizer, int(ckpt["clip_samples"]), target_frames, clip_seconds)
         model = build_classifier(num_classes=len(ckpt["classes"]), in_shape=tuple(featurizer.out_shape))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    state = ckpt["model"]
+    if tuple(featurizer.out_shape) != trained_shape and isinstance(model.backbone, AST):
+        state = resize_ast_state_dict(state, tuple(featurizer.out_shape), trained_shape,
+                                      patch=model.backbone.patch, stride=model.backbone.stride)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches: a backbone whose weights depend on the input length
+        raise checkpoint.CheckpointError(
+            f"{url}: its {type(model.backbone).__name__} weights do not fit input {tuple(featurizer.out_shape)} "
+            f"(trained on {trained_shape}): {str(err).splitlines()[-1].strip()[:300]}; use the trained length"
+        ) from None
     if missing or unexpected:
         raise checkpoint.CheckpointError(
             f"{url}: weights do not fit the model its config describes "
@@ -77,3 +105,22 @@ def load_model(url: str, device: torch.device | str = "cpu") -> LoadedModel:
         int(ckpt["clip_samples"]), meta,
     )
     return loaded.to(torch.device(device)).eval()
+
+
+def _set_length(url: str, featurizer: nn.Module, clip_samples: int, frames: int | None, seconds: float | None) -> int:
+    """Point the featurizer at a new frame count; returns the matching clip length in samples."""
+    old = getattr(featurizer, "target_frames", None)
+    if old is None:
+        raise checkpoint.CheckpointError(
+            f"{url}: featurizer {type(featurizer).__name__} has no target_frames, so its input length cannot be "
+            f"changed; drop the clip-length/frames override"
+        )
+    if (frames is not None and frames <= 0) or (seconds is not None and seconds <= 0):
+        raise checkpoint.CheckpointError(f"{url}: the new length must be positive, got frames={frames}, seconds={seconds}")
+    new_samples = round(seconds * featurizer.sample_rate) if seconds is not None else None
+    if frames is None:  # same frames per second as the model was trained with
+        frames = max(1, round(old * new_samples / clip_samples))
+    if new_samples is None:
+        new_samples = round(clip_samples * frames / old)
+    featurizer.target_frames = int(frames)
+    return int(new_samples)

@@ -1,0 +1,111 @@
+"""Opening checkpoints for the inference commands: path resolution, device, length override."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cmkd import storage
+from cmkd.infer.sources import InferError
+from cmkd.models.factory import LoadedModel, load_model
+from cmkd.train import checkpoint
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file as given; a stage folder (runs/<exp>/<stage>) means its best checkpoint."""
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(path)
+    if not fs.isdir(inner):
+        return path  # checkpoint.load reports a missing or foreign file with its own clear message
+    best = checkpoint.stage_checkpoint(path, "best")
+    if storage.exists(best):
+        return best
+    stages = [d for d in storage.listdir(path) if storage.exists(checkpoint.stage_checkpoint(storage.join(path, d)))]
+    if stages:
+        raise checkpoint.CheckpointError(
+            f"{path} is an experiment folder with stages {stages}; pass one of them, e.g. {storage.join(path, stages[-1])}"
+        )
+    raise checkpoint.CheckpointError(
+        f"{path} is a folder without checkpoints/best.pt; pass a checkpoint file "
+        f"(runs/<experiment>/<stage>/checkpoints/best.pt) or a finished stage folder"
+    )
+
+
+def _check_zip(url: str) -> None:
+    """torch.save writes zip archives: anything else (audio, text, an old pickle) is not a cmkd checkpoint."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            head = f.read(4)
+    except (FileNotFoundError, IsADirectoryError):
+        return  # checkpoint.load says what is missing
+    if head != b"PK\x03\x04":
+        raise checkpoint.CheckpointError(
+            f"{url} is not a cmkd checkpoint (not an archive torch.save writes; it starts with {head!r}); pass a "
+            f"file written by `cmkd run`, e.g. runs/<experiment>/<stage>/checkpoints/best.pt, or a stage folder"
+        )
+
+
+def device_of(name: str) -> torch.device:
+    from cmkd.train.distributed import pick_device
+
+    try:
+        return pick_device(name)
+    except RuntimeError as err:  # its message already names the flag and the fix
+        raise InferError(str(err)) from None
+    except ValueError as err:
+        raise InferError(f"--device {name!r}: {err}; use auto, cpu, cuda or cuda:N") from None
+
+
+def open_model(path: str, device: torch.device, clip_seconds: float | None = None) -> LoadedModel:
+    """``load_model`` with every failure turned into a message that names the checkpoint."""
+    url = resolve_checkpoint(path)
+    _check_zip(url)
+    try:
+        return load_model(url, device, clip_seconds=clip_seconds)
+    except checkpoint.CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:  # e.g. a clip too short for one AST patch
+        raise InferError(f"{url}: cannot build the model ({type(err).__name__}: {err})") from None
+
+
+def clip_seconds(model: LoadedModel) -> float:
+    return model.clip_samples / model.sample_rate
+
+
+def input_seconds(model: LoadedModel) -> float | None:
+    """How much audio the featurizer's frames span (None if it does not say): longer windows are cut."""
+    fb = model.featurizer
+    frames, size, shift = (getattr(fb, a, None) for a in ("target_frames", "window_size", "window_shift"))
+    if frames is None or size is None or shift is None:
+        return None
+    return (size + (frames - 1) * shift) / model.sample_rate
+
+
+def backbone_name(model: LoadedModel) -> str:
+    """The backbone class, with the timm architecture where it wraps one (e.g. "TimmBackbone:resnet18")."""
+    bb = model.classifier.backbone
+    inner = getattr(bb, "model", None)
+    arch = (getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None) or {}).get("architecture")
+    return f"{type(bb).__name__}:{arch}" if arch else type(bb).__name__
+
+
+def describe(model: LoadedModel) -> dict[str, Any]:
+    """What a machine-readable output records about the model that produced it."""
+    meta = model.meta
+    return {
+        "checkpoint": meta.get("url"),
+        "experiment": meta.get("experiment"),
+        "stage": meta.get("stage"),
+        "epoch": meta.get("epoch"),
+        "backbone": backbone_name(model),
+        "classes": list(model.classes),
+        "multilabel": model.multilabel,
+        "sample_rate": model.sample_rate,
+        "clip_seconds": round(clip_seconds(model), 6),
+        "target_frames": getattr(model.featurizer, "target_frames", None),
+        "cmkd_version": meta.get("cmkd_version"),
+    }
