@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 server (moto) on loopback, and a tone-dataset writer."""
+"""Shared fixtures: a real S3 server (moto) on loopback, and the tone-dataset writer (tones.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pytest
 
-SR = 16000
+from tones import write_tone_dataset
 
 
 def _free_port() -> int:
@@ -84,29 +83,6 @@ def s3_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def tone(freq: float, seconds: float, sr: int = SR, amp: float = 0.3) -> np.ndarray:
-    t = np.arange(int(round(seconds * sr))) / sr
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def write_tone_dataset(root: str, splits: dict[str, list[tuple[str, list[str], float]]], *, classes: list[str],
-                       multilabel: bool = True, clip_seconds: float = 0.5, **kwargs: Any) -> Any:
-    """Write ``{"train": [(key, labels, seconds), ...], ...}`` with DatasetWriter; returns the Manifest.
-
-    Each clip is a sine whose pitch encodes its first label.
-    """
-    from cmkd.data.writer import DatasetWriter
-
-    with DatasetWriter(root, name="tones", classes=classes, multilabel=multilabel, sample_rate=SR,
-                       clip_seconds=clip_seconds, **kwargs) as ds:
-        for split, clips in splits.items():
-            ds.split(split)  # an empty list still makes an (empty) split
-            for key, labels, seconds in clips:
-                freq = 200.0 * (1 + classes.index(labels[0])) if labels else 100.0
-                ds.write(split, key, tone(freq, seconds), labels)
-    return ds.close()
 
 
 @pytest.fixture

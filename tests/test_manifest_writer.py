@@ -16,7 +16,7 @@ import torchaudio
 from cmkd.data.manifest import Manifest, ManifestError, Norm, Split, brace_expand
 from cmkd.data.stats import NormStats, compute_stats
 from cmkd.data.writer import DatasetWriter, ShardWriter, WriterError
-from conftest import SR, tone
+from tones import SR, tone
 
 CLASSES = ["dog", "cat", "bird"]
 

@@ -398,7 +398,7 @@ def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path
 def test_webdataset_reads_a_list_of_training_splits(tmp_path: Path) -> None:
     import cmkd.data.stream  # noqa: F401
     from cmkd.registry import datasets
-    from conftest import write_tone_dataset
+    from tones import write_tone_dataset
 
     root = str(tmp_path / "tones")
     write_tone_dataset(root, {"a": [("a0", ["x"], 0.3), ("a1", ["y", "x"], 0.3)], "b": [("b0", ["y"], 0.3)],

@@ -23,7 +23,7 @@ from cmkd.data.manifest import Manifest, Split
 from cmkd.data.sampling import BalancedRejection
 from cmkd.data.stream import SampleError, ShardError, iter_shard, iter_samples
 from cmkd.registry import datasets
-from conftest import SR, tone, write_tone_dataset
+from tones import SR, tone, write_tone_dataset
 
 CLASSES = ["low", "mid", "high"]
 CLIP = SR // 2

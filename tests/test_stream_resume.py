@@ -12,7 +12,7 @@ import torch
 import cmkd.data.stream  # noqa: F401 - registers datasets.webdataset
 from cmkd.data.cursor import StreamCursor
 from cmkd.registry import datasets
-from conftest import write_tone_dataset
+from tones import write_tone_dataset
 
 CLASSES = ["low", "mid", "high"]
 pytestmark = pytest.mark.timeout(120)
