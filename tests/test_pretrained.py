@@ -100,7 +100,10 @@ def test_efficientnet_loads_3_channel_imagenet_weights_by_summing_the_stem(tmp_p
         got = ours(x)
         other = src.forward_features(torch.randn(2, 3, 64, 64))
     assert (other - expected).abs().max() > 1.0  # the comparison below can tell inputs apart
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    # Summed stem weights vs a repeated input are equal in exact arithmetic; in fp32 through 16
+    # calibrated BN blocks (channels-last kernels) a few of 10k outputs move by ~5e-3. A wrong
+    # merge (mean instead of sum, one channel only) is off by > 1, as `other` shows.
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
 
     # Our own backbone's state dict (1-channel stem, `model.` keys) and a classifier checkpoint load too.
     torch.save({"model": ours.state_dict()}, tmp_path / "ours.pt")
