@@ -265,6 +265,7 @@ def test_sliding_windows_mean_and_max(tiny, audio_dir, tmp_path):
         assert r["windows"] == 5
         got = {t["label"]: t["probability"] for t in r["top"]}
         assert [got[c] for c in model.classes] == pytest.approx(want.tolist(), abs=1e-5), how
+        assert "note:" not in res.output  # a window of the clip's length is the model's whole input
     assert not np.allclose(per_window.mean(0), per_window.max(0))  # the two reductions really differ
 
     out = tmp_path / "preds.csv"  # --output picks the format from the suffix
@@ -273,6 +274,18 @@ def test_sliding_windows_mean_and_max(tiny, audio_dir, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "path,duration_s,windows,rank,label,probability" and len(lines) == 4
     assert lines[1].split(",")[2] == "2"  # a 2 s window over 3 s: [0, 2] and the tail [1, 3]
+    assert "sees only the start of each 2 s window; pass --clip-seconds 2" in res.output
+
+
+def test_a_window_is_cut_only_when_it_holds_more_frames_than_the_model_takes():
+    from types import SimpleNamespace
+
+    from cmkd.audio.features import Fbank
+    from cmkd.infer.loading import frames_cut
+
+    esc = SimpleNamespace(featurizer=Fbank(n_mels=64, target_frames=248), sample_rate=16000)
+    # 2.5 s gives 248 frames although they span only 2.495 s: nothing is cut, no note
+    assert [frames_cut(esc, s) for s in (2.0, 2.5, 2.504, 2.505, 5.0)] == [0, 0, 0, 1, 250]
 
 
 def test_predict_bad_inputs(tiny, audio_dir, tmp_path):

@@ -164,14 +164,13 @@ def predict(
 
 
 def _note_window(model: Any, window_s: float) -> None:
-    from cmkd.infer.loading import input_seconds
+    from cmkd.infer.loading import frames_cut, input_seconds
     from cmkd.train.progress import console
 
-    seen = input_seconds(model)
-    if seen is not None and window_s > seen + 1e-6:
-        console.print(f"note: the model's input spans {seen:.2f} s, so it sees only the start of each {window_s:g} s "
-                      f"window; pass --clip-seconds {window_s:g} to run it on whole windows", markup=False,
-                      highlight=False)
+    if frames_cut(model, window_s) > 0:
+        console.print(f"note: the model's input spans {input_seconds(model):.2f} s, so it sees only the start of each "
+                      f"{window_s:g} s window; pass --clip-seconds {window_s:g} to run it on whole windows",
+                      markup=False, highlight=False)
 
 
 def _note_skipped(skipped: list[str]) -> None:

@@ -85,6 +85,18 @@ def input_seconds(model: LoadedModel) -> float | None:
     return (size + (frames - 1) * shift) / model.sample_rate
 
 
+def frames_cut(model: LoadedModel, seconds: float) -> int:
+    """Whole frames of a `seconds` window that the featurizer's fixed length drops (0 if it does not say).
+
+    Counted in frames, not seconds: a 2.5 s window gives 248 frames, exactly a 248-frame model's
+    input, although those frames span only 2.495 s."""
+    fb = model.featurizer
+    frames = getattr(fb, "target_frames", None)
+    if frames is None or not hasattr(fb, "num_frames"):
+        return 0
+    return max(0, fb.num_frames(round(seconds * model.sample_rate)) - frames)
+
+
 def backbone_name(model: LoadedModel) -> str:
     """The backbone class, with the timm architecture where it wraps one (e.g. "TimmBackbone:resnet18")."""
     bb = model.classifier.backbone
