@@ -100,6 +100,10 @@ def _launch_local(nproc: int, max_restarts: int = 0) -> None:
         rest.append(arg)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # The agent's shared TCPStore outlives a restart with the failed attempt's keys in it, so the
+    # new ranks can read the dead rank 0's gloo/NCCL address and fail or hang (pytorch#135712).
+    # Without sharing, each rendezvous round puts its store on a fresh port.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun.main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                        "-m", "cmkd", *rest])

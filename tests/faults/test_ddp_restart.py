@@ -17,10 +17,6 @@ from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_g
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(400),
-    # Known bug, not fixed yet: after the restart the second attempt's gloo mesh sometimes fails to
-    # connect (rank 1 gets "Connection refused" from rank 0's stale address) or hangs; it passed
-    # 1 of 4 tries on the 2-core CI machine. Kept as the specification of the fix (issue 6, point 7).
-    pytest.mark.skip(reason="torch elastic restart: gloo re-rendezvous flaky/hangs on this machine (issue 6)"),
 ]
 
 
