@@ -44,7 +44,8 @@ if [[ $DRY == 1 ]]; then
   DEVICE=cpu; SHAPES=tiny; STEPS=1; ROUNDS=1; WORKERS=0; PEAK=(); T_STEP=300; T_COMPILE=0; T_FEAT=120
   echo "gpu.sh --dry-run: CPU, tiny shapes, 1 step x 1 round, no compiled variant (the H200 run: paper shapes, bf16)"
 else
-  DEVICE=cuda; SHAPES=paper; STEPS=10; ROUNDS=3; WORKERS=8; PEAK=(--peak-tflops 790); T_STEP=330; T_COMPILE=150; T_FEAT=40
+  DEVICE=cuda; SHAPES=paper; STEPS=10; ROUNDS=3; WORKERS=8; PEAK=(--peak-tflops 790);  # the H200 bf16 dense figure; --measure-peak also reports MFU against the measured matmul rate
+  T_STEP=270; T_COMPILE=120; T_FEAT=40  # 430 s of timeouts + start-up < 8 min
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: no CUDA device; use --dry-run')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 fi
