@@ -47,8 +47,8 @@ def _missing_includes(path: Path, seen: set[Path] | None = None) -> list[str]:
 
 def _parse(recipe: str, *bindings: str) -> None:
     missing = _missing_includes(GIN / recipe)
-    if missing:  # data recipes (gin/data/*.gin) are written by another issue
-        pytest.skip(f"{recipe} includes {missing}, not in {GIN} yet")
+    if missing:  # a broken include is a broken recipe: fail, never skip
+        pytest.fail(f"{recipe} includes {missing}, not found next to it or in {GIN}")
     gin.clear_config()
     components.load_all()
     config.parse([str(GIN / recipe)], [DATA_ROOT, *bindings])

@@ -1,15 +1,19 @@
-"""Run folders in a bucket (a real S3 server, moto): a 2-stage KD experiment that reads its
-data from the bucket and writes config, metrics, summary and checkpoints there; the student
-loads its teacher from there; a rerun reuses both stages from there; and no credential ever
-reaches a file, an object or the logs."""
+"""Run folders in a bucket (a real S3 server, moto): audio files on disk are written into the
+bucket by the real `cmkd prepare folder SRC s3://...` CLI; a 2-stage KD experiment (`cmkd run`)
+reads its data from there and writes config, metrics, summary and checkpoints into the bucket;
+the student loads its teacher from there; a rerun reuses both stages from there; and no
+credential ever reaches a file, an object or the output of any command."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
+from tones import SR, tone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -17,19 +21,32 @@ CLASSES = ["low", "mid", "high"]
 STAGE_FILES = ("config.gin", "metrics.jsonl", "summary.json", "checkpoints/best.pt", "checkpoints/last.pt")
 
 
-def _clips(prefix: str, n: int) -> list[tuple[str, list[str], float]]:
-    return [(f"{prefix}{i:02d}", [CLASSES[i % 3]], 0.5) for i in range(n)]
+def _audio_folder(src: Path, n_train: int, n_eval: int) -> Path:
+    """A folder of WAV files (tones whose pitch is the class; some stereo, some at 22.05 kHz and
+    longer than the clip, so prepare really mixes down, resamples and crops) + labels.csv."""
+    rows = ["file,labels,split"]
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        for i in range(n):
+            label = CLASSES[i % 3]
+            sr = SR if i % 2 == 0 else 22050
+            wave = tone(200.0 * (1 + CLASSES.index(label)), 0.5 if i % 2 == 0 else 0.8, sr=sr)
+            data = wave if i % 4 != 1 else wave[:, None].repeat(2, axis=1)
+            path = src / label / f"{split}{i:02d}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, data, sr)
+            rows.append(f"{label}/{path.name},{label},{split}")
+    (src / "labels.csv").write_text("\n".join(rows) + "\n")
+    return src
 
 
-def test_kd_experiment_with_data_and_run_folder_in_a_bucket(s3_endpoint, tmp_path, write_tones):
+def test_prepare_into_a_bucket_then_kd_experiment_with_its_run_folder_there(s3_endpoint, tmp_path):
     import s3fs
 
     fs = s3fs.S3FileSystem()
     bucket = f"cmkd-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
     data, runs = f"s3://{bucket}/data", f"s3://{bucket}/runs"
-    write_tones(data, {"train": _clips("t", 12), "eval": _clips("e", 5)}, classes=CLASSES, multilabel=False,
-                max_count=4)
+    src = _audio_folder(tmp_path / "audio", n_train=12, n_eval=5)
     gin = write_gin(tmp_path / "s3kd.gin", TINY_AST, f"""
 experiment.name = 's3kd'
 experiment.stages = ['teacher', 'student']
@@ -46,8 +63,19 @@ strategies.logit_kd.teacher = 'teacher'
     env = cmkd_env(tmp_path, AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="cmkd-test-key", **secrets)
     work = tmp_path / "work"
     work.mkdir()
-    cmd = ["run", gin, "--run-dir", runs, "--device", "cpu"]
 
+    # The dataset in the bucket is made by the real CLI, from the audio files above.
+    prep = run_cmkd(["prepare", "folder", src, data, "--workers", "0", "--clip-seconds", "0.5",
+                     "--shard-max-count", "4"], env=env, cwd=work, timeout=120).check()
+    assert f"wrote {data}/dataset.json" in prep.output, prep.describe()
+    fs.invalidate_cache()
+    manifest = read_json(f"{data}/dataset.json")
+    assert manifest["classes"] == sorted(CLASSES) and not manifest["multilabel"] and manifest["sample_rate"] == SR
+    assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 12, "eval": 5}
+    assert manifest["norm"]["std"] > 0
+    assert len(fs.glob(f"{bucket}/data/train-*.tar")) == 3 and len(fs.glob(f"{bucket}/data/eval-*.tar")) == 2
+
+    cmd = ["run", gin, "--run-dir", runs, "--device", "cpu"]
     first = run_cmkd(cmd, env=env, cwd=work, timeout=240).check()
     fs.invalidate_cache()
     for stage in ("teacher", "student"):
@@ -70,15 +98,15 @@ strategies.logit_kd.teacher = 'teacher'
     assert stage_objects() == before
 
     # No planted credential in any file written (local or in the bucket) or in any output.
-    scanned = _assert_no_secret(secrets, fs, bucket, tmp_path, [first, second])
-    assert scanned["objects"] >= 2 * len(STAGE_FILES) and scanned["outputs"] == 4, scanned
+    scanned = _assert_no_secret(secrets, fs, bucket, tmp_path, [prep, first, second])
+    assert scanned["objects"] >= 2 * len(STAGE_FILES) + 6 and scanned["outputs"] == 6, scanned
 
 
 def _assert_no_secret(secrets: dict[str, str], fs, bucket: str, tmp_path, results) -> dict[str, int]:
     needles = [v.encode() for v in secrets.values()]
     blobs = {f"s3://{p}": fs.cat_file(p) for p in fs.find(bucket)}
     files = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    outputs = {f"the {stream} of run {i + 1}": getattr(r, stream).encode()
+    outputs = {f"the {stream} of command {i + 1} (cmkd {r.args[1]})": getattr(r, stream).encode()
                for i, r in enumerate(results) for stream in ("stdout", "stderr")}
     for where, blob in {**blobs, **files, **outputs}.items():
         for needle in needles:
