@@ -149,3 +149,91 @@ def test_cmkd_average_refuses_other_classes_and_configs(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["average", urls[0], "-o", str(tmp_path / "o.pt")])
     assert res.exit_code == 2 and "at least two" in res.output
+
+
+def test_cmkd_average_tells_a_foreign_file_from_a_damaged_checkpoint(tmp_path: Path) -> None:
+    """A file that never was a checkpoint is "not a cmkd checkpoint"; a real one cut short keeps the
+    truncated/fall-back message (one mechanism, checkpoint.load, for every caller)."""
+    urls, _ = _tiny_checkpoints(tmp_path, n=2)
+    runner = CliRunner()
+    out = str(tmp_path / "o.pt")
+    foreign = {"audio.pt": b"RIFF\x24\x00\x00\x00WAVEfmt ", "notes.pt": b"certainly not a checkpoint",
+               "pickle.pt": b"\x80\x02}q\x00."}
+    for name, data in foreign.items():
+        (tmp_path / name).write_bytes(data)
+        res = runner.invoke(app, ["average", urls[0], str(tmp_path / name), "-o", out], terminal_width=300)
+        assert res.exit_code == 2, res.output
+        flat = " ".join(res.output.split())
+        assert f"{tmp_path / name} is not a cmkd checkpoint (not a torch zip file" in flat, flat
+        assert "truncated" not in flat and "fall back" not in flat, flat
+    import zipfile  # a whole, valid zip that torch did not write
+
+    with zipfile.ZipFile(tmp_path / "archive.pt", "w") as z:
+        z.writestr("readme.txt", "hello")
+    res = runner.invoke(app, ["average", urls[0], str(tmp_path / "archive.pt"), "-o", out], terminal_width=300)
+    assert res.exit_code == 2 and "is not a cmkd checkpoint (a zip archive without torch's data.pkl" in res.output
+
+    data = Path(urls[1]).read_bytes()
+    for cut in (len(data) // 2, 3):  # a real checkpoint cut short, even inside the zip signature
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        res = runner.invoke(app, ["average", urls[0], str(tmp_path / "cut.pt"), "-o", out], terminal_width=300)
+        flat = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"{tmp_path / 'cut.pt'} is truncated or corrupt" in flat, flat
+        assert "delete it to fall back to an earlier checkpoint" in flat and "not a cmkd checkpoint" not in flat
+    assert not Path(out).exists()
+
+
+# -- train.teacher_checkpoint = 'last': the student learns from last.pt, not best.pt ---------------------------
+
+def test_teacher_checkpoint_last_loads_last_pt_not_best_pt(tmp_path: Path, write_tones,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished teacher stage whose best.pt and last.pt hold different weights (made by hand, so
+    they differ for sure); the student stage with train.teacher_checkpoint = 'last' must get last.pt's."""
+    import json
+
+    import gin
+
+    from cmkd.experiment import run_experiment
+    from cmkd.train import loop
+    from cmkd.train.distributed import DistEnv
+
+    root = str(tmp_path / "data")
+    clips = [(f"t{i}", [CLASSES[i % 3]], 0.25) for i in range(6)]
+    write_tones(root, {"train": clips, "eval": clips[:3]}, classes=CLASSES, multilabel=False, clip_seconds=0.25)
+    stage = tmp_path / "runs" / "lastkd" / "teacher"
+    urls, states = _tiny_checkpoints(tmp_path, n=2)
+    for which, k in (("best", 0), ("last", 1)):  # best.pt = weights 0, last.pt = weights 1
+        ckpt = checkpoint.load(urls[k])
+        ckpt.update(experiment="lastkd", stage="teacher", multilabel=False)
+        checkpoint.save(str(stage / "checkpoints" / f"{which}.pt"), ckpt)
+    (stage / "summary.json").write_text(json.dumps({"finished": True, "best": {}}))
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+    loaded: list[tuple[str, dict]] = []
+    real_load = loop.load_model
+
+    def spy(url: str, *args, **kwargs):
+        model = real_load(url, *args, **kwargs)
+        loaded.append((url, {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(loop, "load_model", spy)
+    monkeypatch.setenv("CMKD_CACHE", str(tmp_path / "cache"))
+    gin.clear_config()
+    components.load_all()
+    try:
+        text = config.parse([], [*TINY_CONFIG.strip().splitlines(),
+                                 "experiment.name = 'lastkd'", "experiment.stages = ['teacher', 'student']",
+                                 "train.dataset = @datasets.webdataset", f"datasets.webdataset.root = '{root}'",
+                                 "datasets.webdataset.num_workers = 0", "train.batch_size = 3", "train.epochs = 1",
+                                 "train.amp = False", "student/train.strategy = @strategies.logit_kd",
+                                 "strategies.logit_kd.teacher = 'teacher'", "train.teacher_checkpoint = 'last'"])
+        summaries = run_experiment(str(tmp_path / "runs"), text, DistEnv())
+    finally:
+        gin.clear_config()
+    last_url = str(stage / "checkpoints" / "last.pt")
+    assert summaries["student"]["teachers"] == [last_url]
+    assert [u for u, _ in loaded] == [last_url]  # best.pt was never opened as the teacher
+    taught = loaded[0][1]
+    assert all(torch.equal(taught[k], states[1][k]) for k in states[1])  # last.pt's weights
+    assert any(not torch.equal(taught[k], states[0][k]) for k in states[0])  # not best.pt's

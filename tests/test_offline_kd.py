@@ -196,3 +196,126 @@ def test_teacher_logits_command_errors(tmp_path: Path, write_tones) -> None:
     (exp / "cnn" / "checkpoints" / "last.pt").write_bytes(b"x")
     res = runner.invoke(app, ["teacher-logits", str(exp), root, "--device", "cpu"], terminal_width=200)
     assert res.exit_code == 2 and "experiment folder with stages ['cnn']" in res.output
+    fake = tmp_path / "fake.pt"  # never a checkpoint: not the truncated/fall-back advice
+    fake.write_bytes(b"certainly not a checkpoint")
+    res = runner.invoke(app, ["teacher-logits", str(fake), root, "--device", "cpu"], terminal_width=300)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"{fake} is not a cmkd checkpoint (not a torch zip file" in flat, flat
+    assert "truncated" not in flat
+
+
+# -- the run's pre-flight: offline_kd's logits and mixup are checked before any stage trains -------------------
+
+def _offline_run(tmp_path: Path, write_tones, monkeypatch: pytest.MonkeyPatch, *bindings: str):
+    """A teacher + offline-KD student experiment on tones; training is booby-trapped, so an error
+    raised here was raised by the pre-flight, before the teacher stage built a model."""
+    import gin
+
+    from cmkd.experiment import run_experiment
+    from cmkd.train import loop
+    from cmkd.train.distributed import DistEnv
+
+    root = str(tmp_path / "data")
+    clips = [(f"t{i}", [CLASSES[i % 3]], 0.3) for i in range(4)]
+    write_tones(root, {"train": clips, "eval": clips[:2]}, classes=CLASSES, multilabel=False, clip_seconds=0.3)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage started training before the pre-flight caught the error")
+
+    monkeypatch.setattr(loop, "build_classifier", no_training)
+    gin.clear_config()
+    components.load_all()
+    try:
+        text = config.parse([], [*TINY_CONFIG.strip().splitlines(), "experiment.name = 'off'",
+                                 "experiment.stages = ['teacher', 'student']", "train.dataset = @datasets.webdataset",
+                                 f"datasets.webdataset.root = '{root}'", "datasets.webdataset.num_workers = 0",
+                                 "student/train.strategy = @strategies.offline_kd", *bindings])
+        run_experiment(str(tmp_path / "runs"), text, DistEnv())
+    finally:
+        gin.clear_config()
+    return root
+
+
+def test_preflight_refuses_missing_teacher_logits_before_the_teacher_trains(tmp_path: Path, write_tones,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmkd.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _offline_run(tmp_path, write_tones, monkeypatch, "strategies.offline_kd.teacher = 'cnn-teacher'")
+    msg = str(err.value)
+    missing = default_logits_url(str(tmp_path / "data"), "cnn-teacher", "train")
+    assert msg.startswith("stage 'student': its strategy cannot be built before any stage trains")
+    assert f"no teacher logits at {missing}" in msg  # what and where
+    assert f"cmkd teacher-logits runs/<experiment>/<teacher stage> {tmp_path / 'data'} --split train " \
+           f"--name cnn-teacher" in msg  # what to do
+    assert not (tmp_path / "runs" / "off" / "teacher").exists()  # nothing trained, nothing written
+
+
+def test_preflight_refuses_mixup_and_mismatched_logits_before_the_teacher_trains(
+        tmp_path: Path, write_tones, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmkd.config import ConfigError
+
+    url = default_logits_url(str(tmp_path / "data"), "cnn-teacher", "train")
+    keys = [f"t{i}" for i in range(4)]
+    save_teacher_logits(url, keys, np.zeros((4, 3), np.float32), {"split": "train", "classes": CLASSES})
+    with pytest.raises(ConfigError) as err:
+        _offline_run(tmp_path, write_tones, monkeypatch, "strategies.offline_kd.teacher = 'cnn-teacher'",
+                     "student/train.mixup = 0.5")
+    msg = str(err.value)
+    assert "stage 'student'" in msg and "train.mixup = 0.5" in msg and "set student/train.mixup = 0" in msg
+    assert "(train.mixup is set at --bind 'student/train.mixup = 0.5')" in msg
+    assert not (tmp_path / "runs" / "off" / "teacher").exists()
+
+    # the .npy has 4 columns for 3 classes: caught from its header alone, the rows are never read
+    save_teacher_logits(url, keys, np.zeros((4, 4), np.float32), {"split": "train"})
+    with pytest.raises(ConfigError, match=r"train\.npy: has 4 columns but the dataset has 3 classes"):
+        _offline_run(tmp_path, write_tones, monkeypatch, "strategies.offline_kd.teacher = 'cnn-teacher'")
+    assert not (tmp_path / "runs" / "off" / "teacher").exists()
+
+
+def test_header_only_check_reads_no_rows(stored: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmkd.distill.offline import check_teacher_logits
+
+    url = default_logits_url(stored, "cnn-teacher", "train")
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the pre-flight must not load the rows"))
+    store = check_teacher_logits(url, classes=CLASSES, multilabel=False)
+    assert store.num_classes == 3 and store.keys == ["other", "b", "a"]
+    with pytest.raises(OfflineLogitsError, match="differ from this dataset's"):
+        check_teacher_logits(url, classes=["x", "y", "z"])
+
+
+def test_docs_flow_teacher_stage_then_logits_then_offline_student(tmp_path: Path, write_tones) -> None:
+    """docs/distillation.md's three steps at toy scale: train the teacher stage alone, `cmkd teacher-logits`
+    on it, then the whole experiment: the teacher stage is reused and the student learns from the file."""
+    import gin
+
+    from cmkd.experiment import run_experiment
+    from cmkd.train.distributed import DistEnv
+
+    root = str(tmp_path / "data")
+    clips = [(f"t{i}", [CLASSES[i % 3]], 0.3) for i in range(6)]
+    write_tones(root, {"train": clips, "eval": clips[:3]}, classes=CLASSES, multilabel=False, clip_seconds=0.3)
+    runs = tmp_path / "runs"
+    base = [*TINY_CONFIG.strip().splitlines(), "experiment.name = 'toy'", "experiment.stages = ['teacher', 'student']",
+            "train.dataset = @datasets.webdataset", f"datasets.webdataset.root = '{root}'",
+            "datasets.webdataset.num_workers = 0", "train.batch_size = 3", "train.epochs = 1", "train.amp = False",
+            "train.mixup = 0.5"]
+
+    def run(*bindings: str) -> dict:
+        gin.clear_config()
+        components.load_all()
+        try:
+            return run_experiment(str(runs), config.parse([], [*base, *bindings]), DistEnv())
+        finally:
+            gin.clear_config()
+
+    run("experiment.stages = ['teacher']")  # step 1
+    res = CliRunner().invoke(app, ["teacher-logits", str(runs / "toy" / "teacher"), root, "--split", "train",
+                                   "--device", "cpu", "--num-workers", "0"], terminal_width=300)  # step 2
+    assert res.exit_code == 0, res.output
+    teacher_files = sorted(p.name for p in (runs / "toy" / "teacher" / "checkpoints").iterdir())
+    summaries = run("student/train.strategy = @strategies.offline_kd",  # step 3
+                    "strategies.offline_kd.teacher = 'toy-teacher'", "student/train.mixup = 0")
+    assert summaries["student"]["strategy"] == "OfflineKD" and summaries["student"]["teachers"] == []
+    assert sorted(p.name for p in (runs / "toy" / "teacher" / "checkpoints").iterdir()) == teacher_files
+    assert json.loads((runs / "toy" / "student" / "summary.json").read_text())["finished"]

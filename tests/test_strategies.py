@@ -118,6 +118,46 @@ def test_hinton_scales_by_tau_squared() -> None:
     assert loss.item() == pytest.approx(0.5 * _ce(S, Y) + 0.5 * kd, abs=1e-6)
 
 
+def test_hinton_single_label_literal() -> None:
+    """Pinned to numbers worked out by hand (numpy, checked with mpmath to 30 digits), not to the helpers.
+
+    τ = 2 on both sides: p = softmax(T/2), q = softmax(S/2)
+      row 1: p = [0.665241, 0.244728, 0.090031], q = [0.506480, 0.307196, 0.186324]
+             Σ p·log(p/q) = 0.0602689
+      row 2: p = [0.422319, 0.422319, 0.155362], q = [0.304504, 0.390991, 0.304504]
+             Σ p·log(p/q) = 0.0661330
+      KD = τ²·mean = 4 · (0.0602689 + 0.0661330) / 2 = 0.2528038
+      CE (τ = 1): (−log 0.665241 − log 0.451863) / 2 = (0.407606 + 0.794377) / 2 = 0.6009914
+      loss = 0.5·0.6009914 + 0.5·0.2528038 = 0.4268976
+    """
+    strat, _ = _build("hinton", {"teacher": T}, lam=0.5, tau=2.0)
+    loss, logs = strat(X, torch.tensor(S), torch.tensor(Y))
+    assert logs["loss_kd"] == pytest.approx(0.2528038, abs=1e-6)
+    assert logs["loss_gt"] == pytest.approx(0.6009914, abs=1e-6)
+    assert loss.item() == pytest.approx(0.4268976, abs=1e-6)
+
+
+def test_hinton_multilabel_literal() -> None:
+    """Multi-label Hinton: per-class Bernoulli KL of σ(Zt/τ) to σ(Zs/τ), mean over classes, × τ².
+
+    s = [1, −2], t = [3, −1], y = [1, 0], τ = 2, λ = 0.5 (numpy, checked with mpmath):
+      class 0: p = σ(1.5) = 0.817574, q = σ(0.5) = 0.622459
+               p·log(p/q) + (1−p)·log((1−p)/(1−q)) = 0.0902382
+      class 1: p = σ(−0.5) = 0.377541, q = σ(−1) = 0.268941  → 0.0279550
+      KD = 4 · (0.0902382 + 0.0279550) / 2 = 0.2363864
+      BCE (τ = 1): (−log σ(1) − log(1 − σ(−2))) / 2 = (0.313262 + 0.126928) / 2 = 0.2200948
+      loss = 0.5·0.2200948 + 0.5·0.2363864 = 0.2282406
+    """
+    strat, _ = _build("hinton", {"teacher": [[3.0, -1.0]]}, multilabel=True, lam=0.5, tau=2.0)
+    loss, logs = strat(X[:1], torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, 0.0]]))
+    assert logs["loss_kd"] == pytest.approx(0.2363864, abs=1e-6)
+    assert logs["loss_gt"] == pytest.approx(0.2200948, abs=1e-6)
+    assert loss.item() == pytest.approx(0.2282406, abs=1e-6)
+    # not the paper's logit_kd (τ on the teacher only, no τ²) on the same case
+    kd, _ = _build("logit_kd", {"teacher": [[3.0, -1.0]]}, multilabel=True, lam=0.5, tau=2.0)
+    assert abs(kd(X[:1], torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, 0.0]]))[0].item() - 0.2282406) > 1e-2
+
+
 def test_ensemble_averages_probabilities_not_logits() -> None:
     t1, t2 = [[4.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0]] * 2
     strat, loaded = _build("ensemble", {"a": t1, "b": t2}, teachers=["a", "b"], lam=0.0, tau=1.0)

@@ -28,6 +28,7 @@ LOGITS_DIR = "teacher_logits"
 __all__ = [
     "OfflineLogitsError",
     "TeacherLogits",
+    "check_teacher_logits",
     "compute_teacher_logits",
     "default_logits_url",
     "keys_url",
@@ -101,13 +102,20 @@ class TeacherLogits:
         return int(self.array.shape[1])
 
     @classmethod
-    def load(cls, url: str, classes: Sequence[str] | None = None, multilabel: bool | None = None) -> "TeacherLogits":
-        """Read a logits file and its keys; check them against the dataset's classes if given."""
+    def load(cls, url: str, classes: Sequence[str] | None = None, multilabel: bool | None = None,
+             header_only: bool = False, how: str | None = None) -> "TeacherLogits":
+        """Read a logits file and its keys; check them against the dataset's classes if given.
+
+        ``header_only``: read the keys and the .npy header but not the rows (the pre-flight check
+        before any stage trains; the array is a zero-cost placeholder of the stored shape).
+        ``how``: the command that writes this file, for the missing-file message."""
         kurl = keys_url(url)
-        if not storage.exists(url) or not storage.exists(kurl):
+        missing = [u for u in (url, kurl) if not storage.exists(u)]
+        if missing:
             raise OfflineLogitsError(
-                f"no teacher logits at {url} (+ {kurl.rsplit('/', 1)[-1]}); write them first with "
-                f"`cmkd teacher-logits RUN_OR_CKPT DATA --split <split>`, or point strategies.offline_kd.logits at the file"
+                f"no teacher logits at {url} ({' and '.join(u.rsplit('/', 1)[-1] for u in missing)} missing); write "
+                f"them first with `{how or 'cmkd teacher-logits RUN_OR_CKPT DATA --split <split>'}`, or point "
+                f"strategies.offline_kd.logits at the file"
             )
         doc = json.loads(storage.read_text(kurl))
         meta = doc if isinstance(doc, dict) else {}
@@ -115,7 +123,10 @@ class TeacherLogits:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise OfflineLogitsError(f"{kurl}: expected a JSON list of sample keys or {{\"keys\": [...]}}; regenerate it")
         try:
-            if storage.is_local(url):  # mmap: only the rows a batch needs are read
+            if header_only:
+                shape, dtype = _npy_header(url)
+                array = np.broadcast_to(np.zeros((), dtype=dtype), shape)  # shape and dtype only, no memory
+            elif storage.is_local(url):  # mmap: only the rows a batch needs are read
                 array = np.load(storage.local_path(url), mmap_mode="r", allow_pickle=False)
             else:
                 array = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
@@ -153,6 +164,28 @@ class TeacherLogits:
                 )
             rows.append(row)
         return torch.from_numpy(np.asarray(self.array[np.asarray(rows, dtype=np.int64)], dtype=np.float32))
+
+
+def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy declares, read from its first bytes (never the rows)."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, EOFError, SyntaxError) as err:
+            raise ValueError(f"unreadable .npy header: {err}") from None
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return tuple(shape), dtype
+
+
+def check_teacher_logits(url: str, classes: Sequence[str] | None = None, multilabel: bool | None = None,
+                         how: str | None = None) -> TeacherLogits:
+    """``TeacherLogits.load`` without reading the rows: every check a run makes before any stage trains."""
+    return TeacherLogits.load(url, classes, multilabel, header_only=True, how=how)
 
 
 def compute_teacher_logits(model: Any, dataset: Any, split: str, batch_size: int = 32,

@@ -1,7 +1,8 @@
 """Distillation strategies: the loss the student trains on, given its logits and the batch.
 
 Built by the training loop with ``call_with_context(factory, loss=..., multilabel=...,
-load_teacher=..., device=..., dataset=..., mixup=...)``; each factory takes the subset it needs.
+load_teacher=..., device=..., dataset=..., mixup=...)``; each factory takes the subset it needs
+(the pre-flight also passes ``load_logits``, which checks stored logits without reading them).
 A strategy owns its frozen teacher(s) and is called as
 ``strategy(x, student_logits, targets, keys=None) -> (loss, logs)``; ``keys`` are the batch's
 sample keys (the loop always passes them; only ``offline_kd`` needs them).
@@ -24,6 +25,7 @@ from cmkd.registry import strategies
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 TeacherLoader = Callable[[str], nn.Module]
+LogitsLoader = Callable[..., TeacherLogits]  # (url, classes, multilabel, how=...) -> TeacherLogits
 
 __all__ = ["Ensemble", "Hinton", "LogitKD", "NoDistillation", "OfflineKD", "Strategy", "freeze"]
 Keys = Sequence[str] | None
@@ -248,6 +250,7 @@ class OfflineKD(_Distill):
     ``teacher`` names the set under ``<DATA>/teacher_logits/<teacher>/<split>.npy``, one file per
     training split (``split`` defaults to the dataset's training split(s)); ``logits`` (a .npy
     URL or a list of them) overrides that path. Refuses mixup: the stored logits describe the clean clip.
+    ``load_logits`` is context, not a setting: the pre-flight passes a loader that reads no rows.
     """
 
     def __init__(
@@ -257,6 +260,7 @@ class OfflineKD(_Distill):
         dataset: Any = None,
         mixup: float = 0.0,
         device: torch.device | None = None,
+        load_logits: LogitsLoader | None = None,
         teacher: str = "teacher",
         logits: str | Sequence[str] | None = None,
         split: str | Sequence[str] | None = None,
@@ -270,18 +274,26 @@ class OfflineKD(_Distill):
                 f"so they would not match the mixed input; set <stage>/train.mixup = 0 for this stage, or use "
                 f"strategies.logit_kd (online teacher, consistent teaching) to keep mixup"
             )
+        root = getattr(dataset, "root", None)
         urls = [logits] if isinstance(logits, str) else list(logits or [])
-        if not urls:
-            root = getattr(dataset, "root", None)
+        if urls:  # how to write each file, for the missing-file message
+            hows = [f"cmkd teacher-logits runs/<experiment>/<teacher stage> {root or 'DATA'} --split <split> --out {u}"
+                    for u in urls]
+        else:
             if root is None:
                 raise ValueError(
                     "strategies.offline_kd: no logits file given and the dataset has no root folder to find "
                     "teacher_logits/ in; set strategies.offline_kd.logits = '<url>/train.npy'"
                 )
             splits = split if split is not None else getattr(dataset, "train_splits", None) or ["train"]
-            urls = [default_logits_url(str(root), teacher, s) for s in ([splits] if isinstance(splits, str) else splits)]
+            splits = [splits] if isinstance(splits, str) else list(splits)
+            urls = [default_logits_url(str(root), teacher, s) for s in splits]
+            hows = [f"cmkd teacher-logits runs/<experiment>/<teacher stage> {root} --split {s} --name {teacher}"
+                    for s in splits]
         classes = getattr(dataset, "classes", None)
-        self.store = TeacherLogitsSet([TeacherLogits.load(u, classes=classes, multilabel=multilabel) for u in urls])
+        # load_logits: the pre-flight passes check_teacher_logits (keys and .npy header only, no rows).
+        load = load_logits or TeacherLogits.load
+        self.store = TeacherLogitsSet([load(u, classes, multilabel, how=h) for u, h in zip(urls, hows)])
         super().__init__("offline_kd", loss, multilabel, [], lam, tau, 1.0, 1.0, device)
 
     def teacher_logits(self, x: Tensor, student_logits: Tensor, keys: Keys = None) -> list[Tensor]:

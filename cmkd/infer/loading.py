@@ -33,22 +33,6 @@ def resolve_checkpoint(path: str) -> str:
     )
 
 
-def _check_zip(url: str) -> None:
-    """torch.save writes zip archives: anything else (audio, text, an old pickle) is not a cmkd checkpoint."""
-    import fsspec
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            head = f.read(4)
-    except (FileNotFoundError, IsADirectoryError):
-        return  # checkpoint.load says what is missing
-    if head != b"PK\x03\x04":
-        raise checkpoint.CheckpointError(
-            f"{url} is not a cmkd checkpoint (not an archive torch.save writes; it starts with {head!r}); pass a "
-            f"file written by `cmkd run`, e.g. runs/<experiment>/<stage>/checkpoints/best.pt, or a stage folder"
-        )
-
-
 def device_of(name: str) -> torch.device:
     from cmkd.train.distributed import pick_device
 
@@ -62,8 +46,7 @@ def device_of(name: str) -> torch.device:
 
 def open_model(path: str, device: torch.device, clip_seconds: float | None = None) -> LoadedModel:
     """``load_model`` with every failure turned into a message that names the checkpoint."""
-    url = resolve_checkpoint(path)
-    _check_zip(url)
+    url = resolve_checkpoint(path)  # checkpoint.load tells a foreign file from a damaged checkpoint
     try:
         return load_model(url, device, clip_seconds=clip_seconds)
     except checkpoint.CheckpointError:

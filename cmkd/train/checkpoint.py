@@ -33,26 +33,50 @@ def save(url: str, payload: dict[str, Any]) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; every zip starts with a local file header
+
+
+def _not_a_checkpoint(url: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{url} is not a cmkd checkpoint ({why}); pass a file written by `cmkd run`, "
+        f"e.g. runs/<experiment>/<stage>/checkpoints/best.pt"
+    )
+
+
 def load(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint; every failure says which file and what to do."""
+    """Read a checkpoint; every failure says which file and what to do.
+
+    A file that never was a checkpoint (audio, text, an old pickle, another zip) is "not a cmkd
+    checkpoint"; a torch zip that is cut short or damaged is "truncated or corrupt" (fall back)."""
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
         raise CheckpointError(
             f"no checkpoint at {url}: train that stage first (cmkd run ...), or check the path"
         ) from None
+    except IsADirectoryError:
+        raise CheckpointError(
+            f"{url} is a folder, not a checkpoint file; pass e.g. {storage.join(url, 'checkpoints', 'best.pt')}"
+        ) from None
+    # Shorter than 4 bytes but a prefix of the signature (or empty): a checkpoint cut short.
+    if data[:4] != ZIP_MAGIC and not (len(data) < 4 and ZIP_MAGIC.startswith(data)):
+        raise _not_a_checkpoint(url, f"not a torch zip file; it starts with {data[:4]!r}")
     try:
         # torch.load checks the zip structure but not the CRC-32 of each stored tensor: a flipped
         # bit in the weights would load silently. testzip() checks every member's CRC.
-        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        bad = archive.testzip()
         if bad is not None:
             raise zipfile.BadZipFile(f"CRC-32 mismatch in member {bad!r}")
+        names = archive.namelist()
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise _corrupt(url, err) from None
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):  # a whole zip, but not torch's
+        raise _not_a_checkpoint(url, f"a zip archive without torch's data.pkl, holding {names[:3]}")
+    try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(
-            f"{url} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            f"delete it to fall back to an earlier checkpoint, or retrain the stage"
-        ) from None
+        raise _corrupt(url, err) from None
     except Exception as err:  # weights_only refuses anything that is not plain data
         raise CheckpointError(f"{url} cannot be read safely with weights_only=True: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -61,6 +85,13 @@ def load(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
             f"pass a file written by `cmkd run` (runs/<experiment>/<stage>/checkpoints/best.pt)"
         )
     return payload
+
+
+def _corrupt(url: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{url} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        f"delete it to fall back to an earlier checkpoint, or retrain the stage"
+    )
 
 
 def stage_checkpoint(stage_dir: str, which: str = "best") -> str:

@@ -461,7 +461,8 @@ def preflight(ctx: StageContext, ds: Any, strategy: Any, loss: Any, mixup: float
     """Check a stage without training it (run for every stage before the first one trains):
     its train/optimizer/schedule settings, its dataset (opened: the manifest is read), and its
     strategy when it has teachers (built with every teacher reference resolved by
-    ``ctx.resolve_teacher`` and checked, but not loaded). Returns the
+    ``ctx.resolve_teacher`` and checked, but not loaded) or stored teacher logits (offline_kd:
+    files present, classes matching, mixup off; the rows are not read). Returns the
     dataset's classes and the teacher references, for the experiment's cross-stage checks."""
     if not hasattr(ds, "train_loader"):
         raise ConfigError(f"stage {ctx.stage!r}: train.dataset is {ds!r}, not a dataset; bind a registered one, "
@@ -486,16 +487,25 @@ def preflight(ctx: StageContext, ds: Any, strategy: Any, loss: Any, mixup: float
                                     f"teacher was trained on")
         return nn.Identity()  # stands in for the teacher: nothing is loaded at the door
 
+    from cmkd.distill.offline import check_teacher_logits
+
     factory = strategy or strategies.get("none")
-    if not callable(factory) or "load_teacher" not in inspect.signature(factory).parameters:
+    params = inspect.signature(factory).parameters if callable(factory) else {}
+    if "load_teacher" not in params and "load_logits" not in params:
         return {"classes": list(ds.classes), "teachers": refs}  # no teachers to check; build it at the stage
-    try:
+    try:  # offline_kd: its stored logits (keys + .npy header, not the rows) and train.mixup = 0, checked now
         call_with_context(factory, loss=_build_loss(loss, ds.multilabel), multilabel=ds.multilabel,
-                          load_teacher=check_teacher, device=torch.device("cpu"), dataset=ds, mixup=mixup)
+                          load_teacher=check_teacher, load_logits=check_teacher_logits, device=torch.device("cpu"),
+                          dataset=ds, mixup=mixup)
     except (ConfigError, TrainingError, checkpoint.CheckpointError):
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"stage {ctx.stage!r}: its strategy cannot be built: {err}") from None
+        from cmkd.config import binding_location
+
+        msg = str(err).replace("<stage>/", f"{ctx.stage}/")  # the strategy does not know its stage; we do
+        where = binding_location("train", "mixup", ctx.stage) if "train.mixup" in msg else None
+        raise ConfigError(f"stage {ctx.stage!r}: its strategy cannot be built before any stage trains: {msg}"
+                          f"{f' (train.mixup is set at {where})' if where else ''}") from None
     return {"classes": list(ds.classes), "teachers": refs}
 
 
