@@ -41,6 +41,11 @@ _loaded = False
 plugin_status: list[PluginStatus] = []
 
 
+def plugin_modules() -> list[str]:
+    """The modules that installed packages name as cmkd plugins (entry points), imported or not."""
+    return [ep.module for ep in entry_points(group=PLUGIN_GROUP)]
+
+
 def load_all() -> list[PluginStatus]:
     """Register built-ins and discover plugins, once per process.
 

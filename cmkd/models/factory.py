@@ -66,6 +66,9 @@ def load_model(
 ) -> LoadedModel:
     """Rebuild featurizer + classifier from a checkpoint's own config and weights.
 
+    The config's ``import`` lines must name modules already imported, installed cmkd plugins or
+    modules listed in ``$CMKD_ALLOW_IMPORT``; otherwise a ``CheckpointError`` names the module.
+
     ``target_frames`` / ``clip_seconds`` change the input length (either scales the other in
     proportion): the featurizer pads/cuts to the new frame count and an AST's positional
     embedding is resized per axis; CNNs take any length as is.
@@ -75,8 +78,12 @@ def load_model(
     components.load_all()  # the saved config names registered components; plain Python callers need them too
     ckpt = checkpoint.load(url)
     norm = ckpt.get("norm")
+    try:  # its config's `import` lines run only modules the user named (docs/reliability.md §8)
+        config.check_saved_imports(ckpt["config"], f"checkpoint {url}")
+    except config.ImportNotAllowed as err:
+        raise checkpoint.CheckpointError(str(err)) from None
     # The checkpoint's weights replace any ImageNet init, so never download it here.
-    with config.isolated(ckpt["config"], ckpt.get("stage")), skip_pretrained_weights():
+    with config.isolated(ckpt["config"], ckpt.get("stage"), f"checkpoint {url}"), skip_pretrained_weights():
         featurizer = build_frontend(sample_rate=ckpt["sample_rate"], dataset_norm=tuple(norm) if norm else None)
         trained_shape = tuple(featurizer.out_shape)
         if target_frames is not None or clip_seconds is not None:

@@ -142,6 +142,40 @@ def test_every_kind_is_skipped_and_counted_by_the_workers(bad_root):
     assert not marker.exists()
 
 
+def test_skips_keep_both_ranks_in_step_and_eval_disjoint(bad_root):
+    """world_size=2, 2 workers per rank, bad samples in most shards: each rank's training epoch
+    has exactly steps_per_epoch(3, 2) full batches free of bad keys (a skip is replaced by the
+    next good sample on the same rank, never shifting the other rank's count); evaluation
+    scores each good key on exactly one rank and the two ranks' skip counts add up to every bad
+    sample once. Training ranks read their own streams of shards drawn with replacement (so a
+    key may recur across ranks in training; the disjointness guarantee is evaluation's)."""
+    root, marker = bad_root
+    ds = _dataset(root, num_workers=2, on_error="skip", shuffle_buffer=4)
+    steps = ds.steps_per_epoch(3, world_size=2)
+    assert steps == 4  # ceil(20 samples / (3 x 2))
+    train_keys, eval_keys, eval_counts = {}, {}, Counter()
+    for rank in (0, 1):
+        loader = ds.train_loader(3, epoch=0, seed=0, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) == steps, f"rank {rank}"
+        skipped = Counter()
+        for batch in batches:
+            assert len(batch["key"]) == batch["wave"].shape[0] == 3
+            assert not BAD_KEYS & set(batch["key"])
+            skipped.update(batch["skipped"])
+        assert sum(skipped.values()) > 0, f"rank {rank} met no bad sample: the check would be empty"
+        train_keys[rank] = [k for b in batches for k in b["key"]]
+        eval_keys[rank] = []
+        for batch in ds.eval_loader(3, rank=rank, world_size=2):
+            eval_keys[rank] += batch["key"]
+            eval_counts.update(batch["skipped"])
+    assert train_keys[0] != train_keys[1], "the ranks must not read the same stream"
+    assert not set(eval_keys[0]) & set(eval_keys[1]), "an eval key was seen by both ranks"
+    assert sorted(eval_keys[0] + eval_keys[1]) == sorted(GOOD_KEYS)
+    assert dict(eval_counts) == EXPECTED_SKIPS
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("kind,key,shard", [("audio", "corrupt", 0), ("empty", "empty", 1), ("nan", "nan", 2),
                                             ("incomplete", "nolabel", 3), ("shard", "g4", 4)])
 def test_raise_names_the_shard_and_the_key(bad_root, kind, key, shard):
