@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from cmkd.cli import app
 from cmkd.models.factory import load_model
+from helpers import TINY_AST, TINY_CNN
 
 SR = 16000
 CLIP_S = 1.0
@@ -79,21 +80,26 @@ def cli(*args: str):
 _TRAINED: dict[Path, dict[str, Path]] = {}  # test_report.py imports the fixture: train once per process
 
 
-def train_tiny(base: Path) -> dict[str, Path]:
-    """Train the session's tiny teacher → student run (once: later calls get the same run)."""
-    if base in _TRAINED:
-        return _TRAINED[base]
+def run_in_process(base: Path, name: str, config: str) -> tuple[Path, Path]:
+    """`cmkd run` of ``config`` (experiment ``name``) under ``base``: (run folder, synthetic data root)."""
     base.mkdir(parents=True, exist_ok=True)
     os.environ["CMKD_CACHE"] = str(base / "cache")  # the synthetic shards go here, not under $HOME
-    (base / "tiny.gin").write_text(TINY_GIN)
+    (base / f"{name}.gin").write_text(config)
     try:
-        res = cli("run", base / "tiny.gin", "--run-dir", base / "runs", "--device", "cpu")
+        res = cli("run", base / f"{name}.gin", "--run-dir", base / "runs", "--device", "cpu")
     finally:
         with gin.unlock_config():
             gin.clear_config()  # leave no experiment config behind for other tests in this process
     assert res.exit_code == 0, res.output
-    run = base / "runs" / "tiny"
     (data,) = (base / "cache" / "synthetic").iterdir()
+    return base / "runs" / name, data
+
+
+def train_tiny(base: Path) -> dict[str, Path]:
+    """Train the session's tiny teacher → student run (once: later calls get the same run)."""
+    if base in _TRAINED:
+        return _TRAINED[base]
+    run, data = run_in_process(base, "tiny", TINY_GIN)
     _TRAINED[base] = {"run": run, "data": data, "teacher": run / "teacher" / "checkpoints" / "best.pt",
                       "student": run / "student" / "checkpoints" / "best.pt"}
     return _TRAINED[base]
@@ -415,3 +421,174 @@ def test_ast_runs_on_another_clip_length(tiny, audio_dir, tmp_path):
     assert res.exit_code == 0 and "wave [batch, 32000]" in res.output
     res = cli("predict", tiny["teacher"], audio_dir / "long.wav", "--clip-seconds", "0.05")
     assert res.exit_code == 2 and "smaller than one 16x16 patch" in res.output
+
+
+# -- bad input to every command ------------------------------------------------------------------
+def flat(text: str) -> str:
+    """The output with rich's line breaks undone (long paths can push a message past the width)."""
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("case", [
+    "eval-empty-folder", "eval-no-dataset-json", "embed-not-a-checkpoint", "embed-empty-folder",
+    "export-not-a-checkpoint", "report-not-a-run-folder", "report-a-checkpoint-file", "report-a-text-file",
+])
+def test_bad_input_says_what_and_where(case, tiny, audio_dir, tmp_path):
+    """Every command: exit code 2, one `error:` line naming the path and the problem, nothing written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_manifest = tmp_path / "clips"  # audio, but not a prepared dataset
+    no_manifest.mkdir()
+    sf.write(no_manifest / "a.wav", tone(440, 1.0), SR)
+    text = tmp_path / "model.pt"
+    text.write_text("weights, honest")
+    out = tmp_path / "out"
+    ckpt = tiny["student"]
+    args, where, what = {
+        "eval-empty-folder": (("eval", ckpt, empty), empty, "no dataset manifest"),
+        "eval-no-dataset-json": (("eval", ckpt, no_manifest), no_manifest, "no dataset manifest"),
+        "embed-not-a-checkpoint": (("embed", text, audio_dir / "long.wav", "-o", out), text,
+                                   "is not a cmkd checkpoint"),
+        "embed-empty-folder": (("embed", ckpt, empty, "-o", out), empty, "no audio files to embed"),
+        "export-not-a-checkpoint": (("export", audio_dir / "long.wav", "--format", "onnx", "-o", out / "m.onnx"),
+                                    audio_dir / "long.wav", "is not a cmkd checkpoint"),
+        "report-not-a-run-folder": (("report", empty, "-o", out), empty, "no stage with metrics.jsonl"),
+        "report-a-checkpoint-file": (("report", ckpt, "-o", out), ckpt, "is a file, not a run folder"),
+        "report-a-text-file": (("report", text, "-o", out), text, "is a file, not a run folder"),
+    }[case]
+    res = cli(*args, "--device", "cpu") if args[0] in ("eval", "embed", "report") else cli(*args)
+    msg = flat(res.output)
+    assert res.exit_code == 2, res.output
+    assert msg.startswith("error: ") and msg.count("error:") == 1 and "Traceback" not in msg, msg
+    assert what in msg and str(where) in msg, msg
+    assert res.stdout == "" and not out.exists()  # stdout stays for results; nothing half-written
+    if case == "eval-empty-folder":
+        assert "cmkd prepare" in msg  # and what to do about it
+    if case == "report-a-checkpoint-file":  # it points at the stage the checkpoint belongs to
+        assert f"{tiny['run'] / 'student'} (that stage) or {tiny['run']}" in msg
+    if case == "embed-empty-folder":
+        assert "folder holds no audio files" in msg
+
+
+# -- multi-label models, and a CNN on another clip length ----------------------------------------
+MULTI_GIN = f"""
+include 'base.gin'
+{TINY_AST}
+experiment.name = 'multi'
+experiment.stages = ['ast', 'cnn']
+datasets.synthetic.multilabel = True
+datasets.synthetic.num_classes = 4
+datasets.synthetic.train_samples = 32
+datasets.synthetic.eval_samples = 24
+datasets.synthetic.clip_seconds = 0.5
+datasets.synthetic.shard_size = 12
+datasets.synthetic.num_workers = 0
+train.batch_size = 16
+cnn/classifier.backbone = @backbones.efficientnet
+cnn/classifier.pooler = @poolers.mean
+{TINY_CNN}
+"""
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """A multi-label run on the built-in synthetic data (0.5 s clips): a tiny AST and timm's
+    test_efficientnet, one epoch each."""
+    saved = os.environ.get("CMKD_CACHE")
+    run, data = run_in_process(tmp_path_factory.mktemp("infer-multi"), "multi", MULTI_GIN)
+    yield {"run": run, "data": data, "ast": run / "ast" / "checkpoints" / "best.pt",
+           "cnn": run / "cnn" / "checkpoints" / "best.pt"}
+    if saved is None:
+        os.environ.pop("CMKD_CACHE", None)
+    else:
+        os.environ["CMKD_CACHE"] = saved
+
+
+@pytest.mark.slow
+def test_multilabel_eval_ensemble_and_report(multi, tmp_path):
+    import matplotlib.image as mpimg
+    from scipy.special import expit, logit
+
+    from cmkd.train.metrics import compute_metrics
+
+    res = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--json", "--device", "cpu", "--workers", "0")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["multilabel"] and got["ensemble"] and got["samples"] == 24
+    assert [m["stage"] for m in got["members"]] == ["ast", "cnn"]
+    assert set(got["metrics"]) == {"mAP", "mAUC", "d_prime"}  # no accuracy for multi-label
+    (za, y), (zc, _) = (_split_predictions(multi[k], multi["data"]) for k in ("ast", "cnn"))
+    assert y.sum(1).max() > 1  # clips really carry several labels
+    mean_p = np.clip((expit(za) + expit(zc)) / 2, 1e-7, 1 - 1e-7)  # the ensemble averages sigmoids
+    for k, v in compute_metrics(logit(mean_p), y, multilabel=True).items():
+        assert np.isfinite(v) and got["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    for member, z in zip(got["members"], (za, zc)):
+        assert member["metrics"]["mAP"] == pytest.approx(compute_metrics(z, y, True)["mAP"], abs=1e-6)
+    assert [r["support"] for r in got["per_class"]] == y.sum(0).astype(int).tolist()
+    assert all(set(r) == {"class", "ap", "auc", "support"} for r in got["per_class"])
+
+    table = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--device", "cpu", "--workers", "0")
+    assert table.exit_code == 0 and "ensemble of 2" in table.stdout and "mAP" in table.stdout
+    assert "accuracy" not in table.stdout and "recall" not in table.stdout
+
+    out = tmp_path / "report"
+    res = cli("report", multi["run"], "-o", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    for stage in ("ast", "cnn"):
+        assert f"note: {stage}: multi-label data; a confusion matrix only reads for single-label data" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.md"]  # no confusion matrices
+    img = mpimg.imread(out / "curves.png")
+    assert img.shape[1] > img.shape[0] > 300 and img[..., :3].std() > 0.05  # two panels, not blank
+    md = (out / "report.md").read_text()
+    assert "best eval mAP" in md and "| ast | AST |" in md and "| cnn | test_efficientnet |" in md
+    assert "## Confusion matrices" not in md and "multi-label data; a confusion matrix" in md
+    assert (multi["run"] / "report" / "curves.png").exists()  # `cmkd run` wrote one too
+
+
+@pytest.mark.slow  # with the fixture's two stages
+def test_cnn_checkpoint_runs_on_another_clip_length(multi, audio_dir):
+    """An EfficientNet trained on 0.5 s clips scores a 3 s file whole: same weights, only the
+    featurizer's frame count changes."""
+    trained = load_model(str(multi["cnn"]))
+    longer = load_model(str(multi["cnn"]), clip_seconds=3.0)
+    assert trained.featurizer.target_frames == 50 and longer.featurizer.target_frames == 300
+    assert longer.clip_samples == 3 * SR and type(longer.classifier.backbone).__name__ == "EfficientNetBackbone"
+    for (k, a), b in zip(trained.classifier.state_dict().items(), longer.classifier.state_dict().values()):
+        assert torch.equal(a, b), k  # nothing to resize: a CNN pools over whatever length it gets
+
+    wave = torch.from_numpy(sf.read(audio_dir / "long.wav", dtype="float32")[0])[None]  # 3 s
+    # The trained model itself on the whole clip's features (298 frames, zero-padded to 300 as the
+    # featurizer does, then normalized with the checkpoint's statistics).
+    fb = trained.featurizer
+    feats = fb.normalize(torch.nn.functional.pad(fb.raw_log_mel(wave), (0, 2))).unsqueeze(1)
+    with torch.inference_mode():
+        emb = trained.classifier.embed(feats)
+        want = torch.sigmoid(trained.classifier.head(emb)).numpy()
+        got_emb = longer.classifier.embed(longer.featurizer(wave))
+    assert feats.shape == (1, 1, 32, 300) and want.shape == (1, 4) and np.isfinite(want).all()
+    # Compared on the pooled embedding too: after one epoch the head is near zero, so probabilities
+    # sit near 0.5 and would hide a wrong input.
+    torch.testing.assert_close(got_emb, emb, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(probabilities(longer, wave), want, atol=1e-6)
+
+    res = cli("predict", multi["cnn"], audio_dir / "long.wav", "--clip-seconds", "3", "--format", "json", "-k", "4")
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)["results"]
+    assert r["windows"] == 1 and json.loads(res.stdout)["model"]["target_frames"] == 300
+    whole = {t["label"]: t["probability"] for t in r["top"]}
+    assert [whole[c] for c in longer.classes] == pytest.approx(want[0].tolist(), abs=1e-5)
+
+    # At its own length the file is six 0.5 s windows: another input, another embedding.
+    res = cli("predict", multi["cnn"], audio_dir / "long.wav", "--format", "json", "-k", "4")
+    (r,) = json.loads(res.stdout)["results"]
+    windows = probabilities(trained, wave.reshape(6, SR // 2)).mean(0)
+    assert r["windows"] == 6
+    assert [{t["label"]: t["probability"] for t in r["top"]}[c] for c in trained.classes] == pytest.approx(
+        windows.tolist(), abs=1e-5)
+    with torch.inference_mode():
+        per_window = trained.classifier.embed(trained.featurizer(wave.reshape(6, SR // 2))).mean(0)
+    assert (per_window - emb[0]).abs().max() > 1e-3  # 1000 x the tolerance above (embeddings ~1e-2 here)
+
+    res = cli("eval", multi["cnn"], multi["data"], "--clip-seconds", "1", "--json", "--workers", "0")
+    assert res.exit_code == 0, res.output  # 0.5 s clips, padded to the 1 s input
+    assert all(np.isfinite(v) for v in json.loads(res.stdout)["metrics"].values())

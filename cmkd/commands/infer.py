@@ -205,7 +205,7 @@ def embed(
     try:
         E.check_output(out_dir, overwrite)
         found = collect(paths)
-        require_sources(found)
+        require_sources(found, "embed")
         dev = device_of(device)
         model = open_model(checkpoint, dev, clip_seconds)
         settings = settings_for(model, window, hop, "mean")

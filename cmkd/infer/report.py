@@ -65,17 +65,44 @@ def find_stages(run_dir: str) -> tuple[str, list[Stage]]:
     """(experiment name, its stages in run order) for ``runs/<exp>`` or ``runs/<exp>/<stage>``."""
     if not storage.exists(run_dir):
         raise InferError(f"{run_dir}: no such run folder; pass runs/<experiment> or runs/<experiment>/<stage>")
+    if not _is_dir(run_dir):  # a checkpoint, a gin file, anything but a folder
+        raise InferError(f"{run_dir} is a file, not a run folder; pass the folder `cmkd run` wrote: "
+                         f"{_run_folder_hint(run_dir)}")
     if storage.exists(storage.join(run_dir, "metrics.jsonl")):
         stage = _load_stage(run_dir, _basename(run_dir))
         return (stage.summary or {}).get("experiment") or _basename(posixpath.dirname(run_dir.rstrip("/"))), [stage]
     stages = [_load_stage(storage.join(run_dir, n), n) for n in storage.listdir(run_dir)
               if storage.exists(storage.join(run_dir, n, "metrics.jsonl"))]
     if not stages:
-        raise InferError(f"{run_dir}: no stage with metrics.jsonl in it; pass a run folder written by `cmkd run` "
-                         f"(runs/<experiment> or one stage folder in it), after at least one epoch")
+        raise InferError(f"{run_dir}: no stage with metrics.jsonl in it; pass a run folder written by `cmkd run`, "
+                         f"after at least one epoch: {_run_folder_hint(run_dir)}")
     order = _stage_order(stages)
     stages.sort(key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
     return _basename(run_dir), stages
+
+
+def _is_dir(url: str) -> bool:
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(url)
+    return bool(fs.isdir(inner))
+
+
+def _run_folder_hint(path: str) -> str:
+    """The stage folder above ``path`` (e.g. of runs/<exp>/<stage>/checkpoints/best.pt), else the layout."""
+    up = path.rstrip("/")
+    for _ in range(3):
+        parent = posixpath.dirname(up)
+        if not parent or parent == up:
+            break
+        up = parent
+        try:
+            is_stage = storage.exists(storage.join(up, "metrics.jsonl"))
+        except Exception:  # noqa: BLE001 - a bucket root or a folder we may not list: no hint, not a new error
+            break
+        if is_stage:
+            return f"{up} (that stage) or {posixpath.dirname(up)} (every stage of the experiment)"
+    return "runs/<experiment> or runs/<experiment>/<stage>"
 
 
 def _stage_order(stages: list[Stage]) -> list[str]:

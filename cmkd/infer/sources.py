@@ -73,9 +73,9 @@ def collect(paths: Sequence[str]) -> Collected:
     return Collected(sources, missing, skipped)
 
 
-def require_sources(collected: Collected) -> None:
-    """Raise when there is nothing at all to score, naming every path and why."""
+def require_sources(collected: Collected, what: str = "score") -> None:
+    """Raise when there is nothing at all to ``what`` (score, embed), naming every path and why."""
     if collected.sources:
         return
     details = "; ".join(f"{p}: {why}" for p, why in collected.missing) or "no paths given"
-    raise InferError(f"no audio files to score ({details})")
+    raise InferError(f"no audio files to {what} ({details})")
