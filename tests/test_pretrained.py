@@ -247,10 +247,21 @@ def test_pretrained_offline_errors_explain_weights_path(offline):
         backbones.get("efficientnet")(name="efficientnet_b0", pretrained=True)
 
 
-def test_unknown_timm_name_and_conflicting_options():
+def test_unknown_timm_name():
     with pytest.raises(ValueError, match="unknown timm model 'efficientnet_b99'.*similar names"):
         backbones.get("efficientnet")(name="efficientnet_b99")
-    with pytest.raises(ValueError, match="pass only one"):
-        backbones.get("ast")(in_shape=(32, 32), pretrained=True, weights="x.pth")
     with pytest.raises(ValueError, match="needs a model name"):
         backbones.get("timm")()
+
+
+def test_weights_file_stands_in_for_pretrained_offline(offline, deit_file, tmp_path):
+    """The recipes set pretrained=True; `-b ...weights=FILE` alone must then load FILE, not fetch."""
+    src, path = deit_file
+    ast = tiny_ast((224, 224), stride=16, pretrained=True, weights=path).eval()
+    x = torch.randn(1, 1, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ast(x), src.forward_features(x.repeat(1, 3, 1, 1)), atol=1e-4, rtol=1e-4)
+    b0 = timm.create_model("efficientnet_b0", pretrained=False)
+    torch.save(b0.state_dict(), tmp_path / "b0.pth")
+    cnn = backbones.get("efficientnet")(name="efficientnet_b0", pretrained=True, weights=str(tmp_path / "b0.pth"))
+    assert torch.equal(cnn.state_dict()["model.conv_stem.weight"], b0.state_dict()["conv_stem.weight"].sum(1, keepdim=True))

@@ -238,13 +238,11 @@ def ast(
 ) -> AST:
     """Audio Spectrogram Transformer. ``pretrained``: True = DeiT-base distilled 384, or a timm name.
 
-    ``weights``: local/fsspec state dict of a timm ViT/DeiT, an AST, or one of our classifiers.
+    ``weights``: local/fsspec state dict of a timm ViT/DeiT, an AST, or one of our classifiers; when
+    given it is used instead of fetching ``pretrained``.
     """
-    if pretrained and weights is not None:
-        raise ValueError(
-            f"backbones.ast: got both pretrained={pretrained!r} and weights={weights!r}; pass only one "
-            f"(weights= is for a local copy of the pretrained file)"
-        )
+    if weights is not None:  # a local copy of the pretrained file: the recipes' pretrained=True stays valid offline
+        pretrained = False
     model = AST(in_shape, embed_dim, depth, num_heads, mlp_ratio, patch, stride, distilled, drop_path_rate)
     if pretrained_weights_skipped():  # a checkpoint will be loaded over these weights
         return model

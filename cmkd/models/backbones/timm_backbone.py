@@ -55,11 +55,8 @@ def build_timm_model(
 
     Transformers that take ``img_size`` get ``in_shape`` so their patch grid fits the spectrogram.
     """
-    if pretrained and weights is not None:
-        raise ValueError(
-            f"timm backbone {name!r}: got both pretrained=True and weights={os.fspath(weights)!r}; "
-            f"pass only one (weights= is for a local copy of the pretrained file)"
-        )
+    if weights is not None:  # a local copy of the pretrained file: the recipes' pretrained=True stays valid offline
+        pretrained = False
     if pretrained_weights_skipped():  # a checkpoint will be loaded over these weights
         pretrained, weights = False, None
     kwargs = {"in_chans": 1, "num_classes": 0, **kwargs}
