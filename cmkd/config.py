@@ -257,3 +257,34 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
             cfg._IMPORTS.update(saved[1])  # noqa: SLF001
             cfg._OPERATIVE_CONFIG.update(saved[2])  # noqa: SLF001
             cfg._SINGLETONS.update(saved[3])  # noqa: SLF001
+
+
+def _bindings(config_text: str) -> dict[str, str]:
+    """``selector -> value`` of a gin.config_str() text; a value may span several indented lines."""
+    found: dict[str, str] = {}
+    key = None
+    for line in config_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace() and " = " in line:
+            key, value = line.split(" = ", 1)
+            found[key] = value.strip()
+        elif key is not None:  # a continuation of a long list or dict
+            found[key] += " " + line.strip()
+    return found
+
+
+def changed_bindings(saved: str, current: str, scope: str) -> list[str]:
+    """Bindings a stage in ``scope`` sees that differ between two configs: unscoped ones and its own.
+
+    ``experiment.*`` is left out: adding a stage must not flag the finished ones."""
+    def relevant(key: str) -> bool:
+        *scopes, name = key.split("/")
+        return not name.startswith("experiment.") and all(s == scope for s in scopes)
+
+    old, new = _bindings(saved), _bindings(current)
+    changes = []
+    for key in sorted(k for k in old.keys() | new.keys() if relevant(k)):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key, '(unset)')} → {new.get(key, '(unset)')}")
+    return changes

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import gin
 
 from cmkd import storage
-from cmkd.config import ConfigError
+from cmkd.config import ConfigError, changed_bindings
 from cmkd.train import checkpoint, distributed
 from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.progress import console, out, table
@@ -85,6 +85,7 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
             if env.is_main:
                 console.print(f"[green]reusing finished stage[/] {exp.name}/{stage} ({directory}); "
                               f"delete that folder to train it again")
+                warn_if_settings_changed(directory, config_text, stage)
             summaries[stage] = done
             continue
         # previous.pt alone: killed between resume.save's rename of last.pt and the new write.
@@ -106,6 +107,21 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
         out.print(comparison_table(exp.name, summaries))
         write_run_report(storage.join(runs_root, exp.name), env.device)
     return summaries
+
+
+def warn_if_settings_changed(directory: str, config_text: str, stage: str, shown: int = 8) -> None:
+    """A reused stage keeps the settings it was trained with; say so when the new config differs."""
+    saved = storage.join(directory, "config.gin")
+    if not storage.exists(saved):
+        return
+    changes = changed_bindings(storage.read_text(saved), config_text, stage)
+    if changes:
+        more = f"\n    … and {len(changes) - shown} more" if len(changes) > shown else ""
+        console.print(
+            f"[yellow]warning:[/] {stage} was trained with other settings than this config gives it, and is reused "
+            f"as it is:\n    " + "\n    ".join(changes[:shown]) + more + "\n"
+            f"  To train with the new settings, delete {directory}, or give the run another --run-dir or "
+            f"experiment.name.", highlight=False)
 
 
 def preflight(exp: Experiment, runs_root: str, config_text: str, env: distributed.DistEnv,

@@ -78,6 +78,18 @@ def test_finished_stages_are_reused(cnn_to_ast):
     again = run_cmkd(["run", cfg, "--run-dir", runs, "--device", "cpu", "-b", "train.seed = 3"],
                      env=cmkd_env(tmp), timeout=200).check()
     assert again.output.count("reusing finished stage") == 2
+    assert "other settings" not in again.output  # the same config: nothing to warn about
+    assert (runs / "tiny_cnn_to_ast" / "student" / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+
+    # A changed setting does not retrain a finished stage, but the user is told which stage
+    # ignores which change and how to train with it.
+    changed = run_cmkd(["run", cfg, "--run-dir", runs, "--device", "cpu", "-b", "train.seed = 3",
+                        "-b", "student/train.batch_size = 4"], env=cmkd_env(tmp), timeout=200).check()
+    assert changed.output.count("reusing finished stage") == 2
+    assert changed.output.count("other settings") == 1, changed.output
+    warning = changed.output[changed.output.index("student was trained with other settings"):]
+    assert "student/train.batch_size: (unset) → 4" in warning
+    assert f"delete {runs / 'tiny_cnn_to_ast' / 'student'}" in " ".join(warning.split())
     assert (runs / "tiny_cnn_to_ast" / "student" / "checkpoints" / "best.pt").stat().st_mtime_ns == before
 
 
