@@ -13,6 +13,8 @@ batch size, time whole epochs (worker start-up included, as in training) of
             __getitem__ (ast src/dataloader.py style), shuffled DataLoader
 Rounds are interleaved (local, s3, per-file, local, ...) so load drifts hit all alike. A 'waves only'
 round shows what the host CPU delivers when the fbank runs on an accelerator.
+The same readers are then timed over a --steady Nx copy (default 5x), where starting the workers and
+their S3 sessions is a smaller part of an epoch.
 
 Memory: one streaming epoch of the dataset (1x) and of a 10x larger one (the shard list repeated via
 symlinks, 10x the samples in dataset.json), each in a fresh process, with the RSS of the main process
@@ -484,6 +486,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=48, help="48 as ast egs/esc50/run_esc.sh")
     ap.add_argument("--epochs", type=int, default=3, help="interleaved rounds per reader")
     ap.add_argument("--scale", type=int, default=10, help="the larger dataset for the memory check")
+    ap.add_argument("--steady", type=int, default=5,
+                    help="also time epochs over an Nx copy, where worker start-up is a small part (0: skip)")
     ap.add_argument("--shard-max-count", type=int, default=40)
     ap.add_argument("--readme", type=Path, help="write the table into this README's '## Streaming' section")
     ap.add_argument("--child", nargs=2, metavar=("ROOT", "SPLITS"), help=argparse.SUPPRESS)
@@ -532,6 +536,25 @@ def main() -> None:
                 rates[name].append(clips / (time.perf_counter() - t))
                 print(f"epoch {epoch} {name}: {rates[name][-1]:.1f} clips/s", flush=True)
             loads.append(load_average())
+        steady: dict[str, list[float]] = {}
+        if args.steady > 1:  # the same readers over an Nx copy: start-up (workers, S3 sessions) amortized
+            steady_root = scaled_copy(Path(local), tmp / f"steady{args.steady}", args.steady)
+            fs.put(steady_root + "/", f"bench/steady{args.steady}/", recursive=True)  # put reads through the symlinks
+            steady_cases: dict[str, Callable[[int], int]] = {
+                "local": lambda e: stream_epoch(steady_root, args.workers, args.batch_size, e, ["train"]),
+                "s3": lambda e: stream_epoch(f"s3://bench/steady{args.steady}", args.workers, args.batch_size, e,
+                                             ["train"]),
+                "per-file": lambda e: per_file_epoch(items * args.steady, len(m.classes), args.workers,
+                                                     args.batch_size),
+            }
+            steady = {k: [] for k in steady_cases}
+            for epoch in range(args.epochs):
+                for name, fn in steady_cases.items():
+                    t = time.perf_counter()
+                    clips = fn(epoch)
+                    steady[name].append(clips / (time.perf_counter() - t))
+                    print(f"steady epoch {epoch} {name}: {steady[name][-1]:.1f} clips/s", flush=True)
+            loads.append(load_average())
         per_clip = cpu_per_clip(items)
         big = scaled_copy(Path(local), tmp / f"x{args.scale}", args.scale)
         x1, xn = "1x", f"{args.scale}x"
@@ -555,6 +578,23 @@ def main() -> None:
                 ["per-file map Dataset (AST style)", base, "1.00x", "-"],
                 ["local shards, fbank left to an accelerator (waves only)", nofb, f"{nofb / base:.2f}x", "-"]]
         memory = memory_report(mem, x1, xn, args.workers)
+        if steady:
+            sl, ss, sb = (median(steady[k]) for k in ("local", "s3", "per-file"))
+            steady_rows = [["local shards (webdataset)", sl, f"{sl / sb:.2f}x", "-"],
+                           ["S3 shards (moto on loopback)", ss, f"{ss / sb:.2f}x", f"{ss / sl:.2f}x"],
+                           ["per-file map Dataset (AST style)", sb, "1.00x", "-"]]
+            steady_text = [
+                f"The same readers over a {args.steady}x copy of the shards ({args.steady * n_clips} clips an epoch, "
+                f"{args.epochs} interleaved epochs each), where starting the workers and their S3 sessions is a "
+                f"smaller part of an epoch:",
+                "",
+                markdown_table(["reader", "clips/s (median)", "vs per-file", "vs local"], steady_rows),
+                "",
+            ]
+            steady_aims = (f" Over the {args.steady}x epochs: local {sl / sb:.2f}x the per-file baseline, "
+                           f"S3 {ss / sl:.2f}x local.")
+        else:
+            steady_text, steady_aims = [], ""
         cmd = "python benchmarks/stream.py " + " ".join(sys.argv[1:])
         speed_ok, s3_ok = loc >= 2 * base, s3 >= 0.8 * loc
         section = "\n".join([
@@ -572,6 +612,7 @@ def main() -> None:
             f"- S3 on loopback >= 0.8x local: **{'met' if s3_ok else 'not met'}** "
             f"({s3:.1f} vs {loc:.1f} clips/s = {s3 / loc:.2f}x).",
             f"- memory flat when the dataset is {args.scale}x larger: {memory['verdict']}",
+            *([f"- {steady_aims.strip()}"] if steady_aims else []),
             "",
             f"{'ESC-10' if args.src == DEFAULT_SRC else args.src} ({n_clips} clips of {m.clip_seconds:g} s, "
             f"{m.sample_rate // 1000} kHz FLAC) prepared with `cmkd prepare esc50` in {prep_s:.0f} s into "
@@ -582,6 +623,7 @@ def main() -> None:
             "",
             markdown_table(["reader", "clips/s (median)", "vs per-file", "vs local"], rows),
             "",
+            *steady_text,
             f"What limits the numbers: every reader is CPU-bound. One core's milliseconds per clip, measured in this "
             f"run: FLAC decode {per_clip['decode']:.1f}, per-clip Kaldi fbank {per_clip['kaldi']:.1f}, batched "
             f"`Fbank` {per_clip['batched']:.1f}. So a CPU-only machine bounds the streaming/per-file ratio near "
