@@ -292,15 +292,18 @@ def count_flops(case: Case, shape: dict[str, Any], device: torch.device) -> floa
 
     Forwards are counted by torch.utils.flop_counter.FlopCounterMode. Its backward formula for
     convolutions ignores groups (a depthwise conv's weight gradient counts as a dense conv's:
-    ~40× too much for EfficientNet), so the backward is taken as the usual 2 × forward.
+    ~40× too much for EfficientNet), so the backward is taken as the usual 2 × forward. Attention
+    is counted through SDPA's math backend: the counter has no formula for the fused CPU kernel
+    (it would count 0 for it), and the math backend's matmuls are the same model FLOPs.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 1, shape["n_mels"], shape["frames"], device=device)
 
     def forward_flops(model: nn.Module) -> int:
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad(), autocast(device, True):
+        with counter, torch.no_grad(), autocast(device, True), sdpa_kernel(SDPBackend.MATH):
             model(x)
         return counter.get_total_flops()
 

@@ -244,6 +244,9 @@ def test_step_benchmark_runs_every_variant(monkeypatch):
     rows = {(r["direction"], r["variant"]): r for r in res["results"]}
     assert set(rows) == {("ast_to_cnn", v) for v in ("cmkd", "reference", "no_kd", "offline_kd")}
     assert rows[("ast_to_cnn", "no_kd")]["gflop_per_clip"] < rows[("ast_to_cnn", "cmkd")]["gflop_per_clip"]
+    # Fused (SDPA) and unfused attention are the same model FLOPs; the counter must see both.
+    assert rows[("ast_to_cnn", "cmkd")]["gflop_per_clip"] == pytest.approx(
+        rows[("ast_to_cnn", "reference")]["gflop_per_clip"], rel=1e-6)
     for r in rows.values():
         assert r["clips_per_s"] > 0 and r["peak_mb"] > 0 and r["gflop_per_clip"] > 0 and 0 <= r["data_wait_fraction"] <= 1
     for d, p in res["parity"].items():
