@@ -78,17 +78,18 @@ def load_model(
     components.load_all()  # the saved config names registered components; plain Python callers need them too
     ckpt = checkpoint.load(url)
     norm = ckpt.get("norm")
-    try:  # its config's `import` lines run only modules the user named (docs/reliability.md §8)
-        config.check_saved_imports(ckpt["config"], f"checkpoint {url}")
+    # isolated() lets the config's `import` lines run only modules the user named (docs/reliability.md §8);
+    # the checkpoint's weights replace any ImageNet init, so never download it here.
+    try:
+        with config.isolated(ckpt["config"], ckpt.get("stage"), f"checkpoint {url}"), skip_pretrained_weights():
+            featurizer = build_frontend(sample_rate=ckpt["sample_rate"], dataset_norm=tuple(norm) if norm else None)
+            trained_shape = tuple(featurizer.out_shape)
+            if target_frames is not None or clip_seconds is not None:
+                ckpt["clip_samples"] = _set_length(url, featurizer, int(ckpt["clip_samples"]), target_frames,
+                                                   clip_seconds)
+            model = build_classifier(num_classes=len(ckpt["classes"]), in_shape=tuple(featurizer.out_shape))
     except config.ImportNotAllowed as err:
         raise checkpoint.CheckpointError(str(err)) from None
-    # The checkpoint's weights replace any ImageNet init, so never download it here.
-    with config.isolated(ckpt["config"], ckpt.get("stage"), f"checkpoint {url}"), skip_pretrained_weights():
-        featurizer = build_frontend(sample_rate=ckpt["sample_rate"], dataset_norm=tuple(norm) if norm else None)
-        trained_shape = tuple(featurizer.out_shape)
-        if target_frames is not None or clip_seconds is not None:
-            ckpt["clip_samples"] = _set_length(url, featurizer, int(ckpt["clip_samples"]), target_frames, clip_seconds)
-        model = build_classifier(num_classes=len(ckpt["classes"]), in_shape=tuple(featurizer.out_shape))
     state = ckpt["model"]
     if tuple(featurizer.out_shape) != trained_shape and isinstance(model.backbone, AST):
         state = resize_ast_state_dict(state, tuple(featurizer.out_shape), trained_shape,
