@@ -259,7 +259,7 @@ class SampleDecoder:
         # cmkd's own shards: labels in .json; adopted ones: what `cmkd prepare webdataset` recorded.
         self.audio_field = (fields or {}).get("audio")
         self.label_spec = LabelSpec((fields or {}).get("label"), (fields or {}).get("label_key", "labels")) \
-            if fields else LabelSpec("json")
+            if fields is not None else LabelSpec("json")
         self.length, self.crop, self.on_error = length, crop, on_error
         self.skipped = skipped if skipped is not None else SkipCounter()
 
