@@ -89,8 +89,9 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
         for value, n in scan.labels.items():
             label_counts[name][index[str(value)]] += n
     fields = {"audio": opts.audio_field or _only(s.audio_fields for s in scans.values()),
-              "label": opts.label_field or _only(s.label_fields for s in scans.values()),
-              "label_key": opts.label_key}
+              "label": opts.label_field or _only(s.label_fields for s in scans.values())}
+    if (fields["label"] or "json").endswith("json"):
+        fields["label_key"] = opts.label_key
     manifest = Manifest(opts.name or root.rstrip("/").rsplit("/", 1)[-1] or "dataset", list(classes), multilabel,
                         int(opts.sample_rate), float(opts.clip_seconds),
                         {n: Split(patterns[n], s.samples, s.max_labels) for n, s in scans.items()},
@@ -214,8 +215,9 @@ def _summary(report: AdoptReport, norm_splits: list[str]) -> None:
     m = report.manifest
     rows = [(name, s.shards, s.samples, sum(1 for p in report.problems if p.url in m.shard_urls(name)))
             for name, s in report.splits.items()]
-    out.print(table(f"adopted {m.name}: {m.num_classes} classes, {'multi' if m.multilabel else 'single'}-label, "
-                    f"fields {m.fields}", ["split", "shards", "samples", "left out"], rows))
+    out.print(table(f"adopted {m.name}", ["split", "shards", "samples", "left out"], rows))
+    fields = ", ".join(f"{k} {v}" for k, v in (m.fields or {}).items())
+    out.print(f"{m.num_classes} classes, {'multi' if m.multilabel else 'single'}-label; fields: {fields}")
     if m.norm is not None:
         out.print(f"norm (first {report.norm_clips} clips of {', '.join(norm_splits)}): "
                   f"mean {m.norm.mean:.4f}, std {m.norm.std:.4f}")
