@@ -155,8 +155,8 @@ class Scanner:
         audio = find_audio_field(record, self.audio_field)
         if audio is None:
             fields = sorted(k for k in record if not k.startswith("__"))
-            wanted = f".{self.audio_field}" if self.audio_field else "an audio member (.flac, .wav, .mp3, ...)"
-            self.problems.append(Problem(url, key, "incomplete", f"{where}: no {wanted}; it has {fields} "
+            wanted = f".{self.audio_field}" if self.audio_field else ".flac, .wav, .mp3, ..."
+            self.problems.append(Problem(url, key, "incomplete", f"{where}: no audio member ({wanted}); it has {fields} "
                                                                  f"(set --audio-field if the audio is there)"))
             return
         try:
@@ -180,7 +180,7 @@ class Scanner:
                 raise RuntimeError("0 frames")
         except Exception as err:  # soundfile raises several types for bytes it cannot parse
             self.problems.append(Problem(url, key, "audio", f"{where}: .{audio} is not audio soundfile can decode "
-                                                            f"({type(err).__name__}: {err})"))
+                                                            f"({type(err).__name__}: {str(err).rpartition('>: ')[2]})"))
             return
         scan.samples += 1
         scan.max_labels = max(scan.max_labels, len(values))
