@@ -124,3 +124,26 @@ def test_adopted_sets_train_with_cmkd_run(tmp_path: Path) -> None:
         assert f"adopted/{layout}: AST" in result.output
         metrics = read_jsonl(tmp_path / "runs" / "adopted" / layout / "metrics.jsonl")
         assert [r["epoch"] for r in metrics] == [1] and np.isfinite(metrics[0]["train_loss"])
+
+
+def test_hf_datasets_loads_cmkd_shards_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF `datasets`' webdataset builder reads local shards offline. Its Audio feature needs
+    torchcodec (FFmpeg) even to pass bytes through, so the audio is declared as binary."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    from cmkd.data.manifest import Manifest
+    from cmkd.data.stream import iter_records
+
+    _cmkd_dataset(tmp_path / "ds")
+    urls = Manifest.load(str(tmp_path / "ds")).shard_urls("train")
+    features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
+                                  "flac": datasets.Value("binary"),
+                                  "json": {"labels": datasets.List(datasets.Value("string")),
+                                           "take": datasets.Value("int64")}})
+    hf = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", features=features,
+                               cache_dir=str(tmp_path / "hf-cache"))
+    ours = list(iter_records(urls))
+    assert hf["__key__"] == [r["__key__"] for r in ours]
+    assert hf["flac"] == [r["flac"] for r in ours]
+    assert [row["labels"] for row in hf["json"]] == [json.loads(r["json"])["labels"] for r in ours]
