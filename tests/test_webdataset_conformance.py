@@ -147,3 +147,22 @@ def test_hf_datasets_loads_cmkd_shards_offline(tmp_path: Path, monkeypatch: pyte
     assert hf["__key__"] == [r["__key__"] for r in ours]
     assert hf["flac"] == [r["flac"] for r in ours]
     assert [row["labels"] for row in hf["json"]] == [json.loads(r["json"])["labels"] for r in ours]
+
+
+def test_adopt_shards_in_a_bucket_by_brace_pattern(tmp_path: Path, s3_endpoint: str) -> None:
+    """URLS on S3 (moto): the manifest lands beside the shards; cmkd streams them back."""
+    import s3fs
+
+    from cmkd.data.stream import ShardDataset
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("cmkd-adopt")
+    shards = write_wds(tmp_path / "shards", LAYOUTS["flac_cls"][0])
+    for p in shards.iterdir():
+        fs.put(str(p), f"cmkd-adopt/set/{p.name}")
+    run_cmkd(["prepare", "webdataset", "s3://cmkd-adopt/set/train-{000000..000001}.tar", "s3://cmkd-adopt/set",
+              "--classes", classes_file(tmp_path), "--norm-clips", "4"], env=cmkd_env(tmp_path), timeout=120).check()
+    ds = ShardDataset("s3://cmkd-adopt/set", num_workers=0, eval_split=None)
+    assert ds.manifest.base is None and ds.train_samples == 12 and ds.manifest.fields == {"audio": "flac", "label": "cls"}
+    batch = next(iter(ds.eval_loader(12, split="train")))
+    assert batch["target"].argmax(1).tolist() == [i % 3 for i in range(12)]
