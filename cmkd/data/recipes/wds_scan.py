@@ -124,8 +124,10 @@ class Scanner:
     spec: LabelSpec
     audio_field: str | None
     classes: list[str] | None
-    multilabel: bool | None
     problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.index = {c: i for i, c in enumerate(self.classes or [])}
 
     def shard(self, url: str, records: Any, scan: SplitScan) -> None:
         """Count the records of one shard (an iterator that may raise ShardError)."""
@@ -161,10 +163,8 @@ class Scanner:
             return
         try:
             values = raw_labels(record, self.spec, where)
-            if self.classes is not None:
-                index = {c: i for i, c in enumerate(self.classes)}
-                names, _ = resolve_labels(values, self.classes, index, where, True)
-                values = list(names)
+            if self.classes is not None:  # multilabel=True here: single-label is decided from all clips
+                values = list(resolve_labels(values, self.classes, self.index, where, True)[0])
         except LabelProblem as err:
             self.problems.append(Problem(url, key, err.kind, str(err)))
             return

@@ -56,6 +56,9 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
 
     opts = opts or AdoptOptions()
     _check_options(opts)
+    # Fields are matched lower-cased, as WebDataset (and cmkd's reader) lower-case them.
+    opts.audio_field = opts.audio_field.lower() if opts.audio_field else None
+    opts.label_field = opts.label_field.lower() if opts.label_field else None
     spec = LabelSpec(opts.label_field, opts.label_key) if opts.label_field or opts.label_key != "labels" else LabelSpec()
     root = normalize_root(dest)
     _check_dest(root, opts)  # type: ignore[arg-type]  # uses .overwrite and .storage_options only
@@ -69,7 +72,7 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
 
     base, patterns = locate(src, list(opts.splits), list_dir)
     classes = _read_classes(opts.classes, opts.storage_options) if opts.classes else None
-    scanner = Scanner(spec, opts.audio_field, classes, opts.multilabel)
+    scanner = Scanner(spec, opts.audio_field, classes)
     scans = _scan(base, patterns, scanner, opts, quiet)
     problems = scanner.problems
     if problems and opts.on_error == "raise":
