@@ -140,7 +140,9 @@ class Scanner:
                 self.record(url, record, scan)
         except ShardError as err:
             if not err.corrupt:
-                raise RecipeError(str(err)) from None  # missing shard, no permission: nothing to adopt
+                # a missing shard or no permission: nothing to adopt
+                raise RecipeError(f"{str(err).split('; ')[0]}; check SRC / --split (the pattern names a shard "
+                                  f"that is not there?) and that your credentials can read it") from None
             self.problems.append(Problem(url, None, "shard", str(err)))
             return
         if scan.samples + sum(1 for p in self.problems if p.url == url) == before:

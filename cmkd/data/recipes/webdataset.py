@@ -59,7 +59,7 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
     # Fields are matched lower-cased, as WebDataset (and cmkd's reader) lower-case them.
     opts.audio_field = opts.audio_field.lower() if opts.audio_field else None
     opts.label_field = opts.label_field.lower() if opts.label_field else None
-    spec = LabelSpec(opts.label_field, opts.label_key) if opts.label_field or opts.label_key != "labels" else LabelSpec()
+    spec = LabelSpec(opts.label_field, opts.label_key)
     root = normalize_root(dest)
     _check_dest(root, opts)  # type: ignore[arg-type]  # uses .overwrite and .storage_options only
 
