@@ -105,13 +105,19 @@ def test_shardwriter_shards_are_adopted_with_what_wds_sees(tmp_path: Path, layou
 
 
 def test_adopted_sets_train_with_cmkd_run(tmp_path: Path) -> None:
-    """One `cmkd run`, one stage per layout, each on its adopted shards (DEST elsewhere: 'base')."""
+    """One `cmkd run`, one stage per layout, each on its adopted shards (DEST elsewhere: 'base').
+    Adopted in-process (the CLI is tested above) to keep the test short."""
+    from cmkd.data.recipes.webdataset import AdoptOptions, adopt
+
     stages, blocks = [], []
     for layout, (make, options) in sorted(LAYOUTS.items()):
         shards = write_wds(tmp_path / layout, make)
         dest = tmp_path / f"{layout}-set"
-        run_cmkd(["prepare", "webdataset", shards, dest, "--infer-classes", *options], env=cmkd_env(tmp_path),
-                 timeout=120).check()
+        flags = dict(zip(options[::2], options[1::2]))
+        adopt(str(shards), str(dest), AdoptOptions(infer_classes=True, audio_field=flags.get("--audio-field"),
+                                                   label_field=flags.get("--label-field"),
+                                                   label_key=flags.get("--label-key", "labels"), norm_clips=4),
+              quiet=True)
         assert read_json(dest / "dataset.json")["base"] == str(shards)
         stages.append(layout)
         blocks.append(f"{layout}/datasets.webdataset.root = '{dest}'")
