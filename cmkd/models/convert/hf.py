@@ -44,15 +44,17 @@ def download(repo_id: str) -> str:
         raise ConvertError(f"{repo_id!r} looks like a Hugging Face hub id; install the `hf` extra "
                            f"(pip install 'cmkd[hf]') or pass a local folder") from None
     try:
-        return snapshot_download(repo_id, allow_patterns=["config.json", "preprocessor_config.json",
-                                                          "model.safetensors", "pytorch_model.bin"])
+        folder = snapshot_download(repo_id, allow_patterns=["config.json", "preprocessor_config.json",
+                                                            "model.safetensors"])
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # older repos: the pickle-free read
+            folder = snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"])  # is torch weights_only
+        return folder
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
         why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConvertError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {why}). Offline? On a "
-            f"machine with internet run `huggingface-cli download {repo_id} --local-dir ast-model` (or "
-            f"`ASTForAudioClassification.from_pretrained(...).save_pretrained('ast-model')` with the feature extractor), "
-            f"copy the folder here and run `cmkd import ast-model -o model.pt`"
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {why[:100]}). "
+            f"Offline? Where there is internet run `huggingface-cli download {repo_id} --local-dir ast-model`, "
+            f"copy that folder here and run `cmkd import ast-model -o model.pt`"
         ) from None
 
 
