@@ -65,3 +65,36 @@ def test_ast_release_pth_matches_its_forward(tmp_path):
     assert logit_diff <= 1e-4
     assert model.classes[3] == "Class 3, with comma"
     assert model.featurizer.target_frames == 100
+
+
+@pytest.mark.parametrize("b,head_num", [(2, 4), (0, 1), (0, 0)])  # MHeadAttention, Attention, MeanPooling
+def test_psla_pth_matches_effnet_attention(tmp_path, b, head_num):
+    pytest.importorskip("efficientnet_pytorch")
+    from psla_reference import EffNetAttention
+
+    torch.manual_seed(b * 10 + head_num)
+    reference = EffNetAttention(label_dim=10, b=b, head_num=head_num).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and head weights
+        for name, t in reference.state_dict().items():
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                t.normal_(0, 0.1)
+            elif name.endswith("head_weight"):
+                t.uniform_(0.1, 0.4)
+    pth = tmp_path / "psla.pth"
+    torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, pth)
+    (tmp_path / "classes.txt").write_text("".join(f"event {i}\n" for i in range(10)))
+    wave = write_clip(tmp_path / "clip.wav")
+    mean, std = -4.6476, 4.5699  # PSLA's statistics (psla egs/*/run.sh), which import records
+    x = release_fbank(wave, mean, std)[None]
+    with torch.no_grad():
+        want = reference(x)
+
+    model = _imported(tmp_path, pth, classes=str(tmp_path / "classes.txt"), target_frames=100)
+    wave_t = torch.from_numpy(wave)[None]
+    got = model.probabilities(model.logits(wave_t))
+    diff = (got - want).abs().max().item()
+    print(f"\nparity psla b{b} head_num={head_num}: probabilities max|Δ| {diff:.2e}")
+    assert diff <= 1e-4
+    assert model.multilabel and model.classes[0] == "event 0"
