@@ -37,13 +37,14 @@ def write_clip(path: Path, seconds: float = CLIP_SAMPLES / SR, seed: int = 0) ->
 
 
 def hf_folder(path: Path, *, num_labels: int = 10, mean: float = -5.1, std: float = 3.3, seed: int = 0,
-              multilabel: bool = False) -> Path:
+              multilabel: bool = False, n_mels: int = 128, frames: int = FRAMES,
+              names: list[str] | None = None) -> Path:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
     torch.manual_seed(seed)
-    labels = {i: f"sound_{i}" for i in range(num_labels)}
+    labels = {i: names[i] if names else f"sound_{i}" for i in range(num_labels)}
     config = ASTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
-                       max_length=FRAMES, num_mel_bins=128, id2label=labels,
+                       max_length=frames, num_mel_bins=n_mels, id2label=labels,
                        label2id={v: k for k, v in labels.items()},
                        problem_type="multi_label_classification" if multilabel else None)
     model = ASTForAudioClassification(config).eval()
@@ -52,7 +53,7 @@ def hf_folder(path: Path, *, num_labels: int = 10, mean: float = -5.1, std: floa
             if "layernorm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(path))
-    ASTFeatureExtractor(max_length=FRAMES, num_mel_bins=128, mean=mean, std=std).save_pretrained(str(path))
+    ASTFeatureExtractor(max_length=frames, num_mel_bins=n_mels, mean=mean, std=std).save_pretrained(str(path))
     return path
 
 
