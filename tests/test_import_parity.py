@@ -98,3 +98,20 @@ def test_psla_pth_matches_effnet_attention(tmp_path, b, head_num):
     print(f"\nparity psla b{b} head_num={head_num}: probabilities max|Δ| {diff:.2e}")
     assert diff <= 1e-4
     assert model.multilabel and model.classes[0] == "event 0"
+
+
+def test_hf_folder_saved_by_transformers_4_imports_the_same(tmp_path):
+    # The hub's AST files were saved by transformers 4 (encoder.layer.N.attention.attention.query...).
+    from safetensors.torch import load_file, save_file
+
+    from cmkd.models.convert.ast_keys import to_v4
+
+    folder = hf_folder(tmp_path / "hf")
+    new = _imported(tmp_path, folder)
+    weights = folder / "model.safetensors"
+    old_names = to_v4(load_file(str(weights)))
+    assert "audio_spectrogram_transformer.encoder.layer.1.intermediate.dense.weight" in old_names
+    save_file(old_names, str(weights), metadata={"format": "pt"})
+    old = _imported(tmp_path, folder)
+    for key, value in new.classifier.state_dict().items():
+        assert torch.equal(value, old.classifier.state_dict()[key]), key

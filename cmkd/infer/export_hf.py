@@ -19,7 +19,7 @@ from cmkd import storage
 from cmkd.audio.features import Fbank
 from cmkd.infer.sources import InferError
 from cmkd.models.backbones.ast import AST
-from cmkd.models.convert.ast_keys import cmkd_to_hf
+from cmkd.models.convert.ast_keys import cmkd_to_hf, to_v4
 from cmkd.models.factory import LoadedModel
 from cmkd.models.heads import LinearHead
 from cmkd.models.poolers import TokenPool
@@ -91,7 +91,10 @@ def _transformers_files(model: LoadedModel):
 
     def build(tmp: str) -> None:
         hf_model = ASTForAudioClassification(config)
-        hf_model.load_state_dict(cmkd_to_hf({k: v.detach().cpu() for k, v in clf.state_dict().items()}), strict=True)
+        state = cmkd_to_hf({k: v.detach().cpu() for k, v in clf.state_dict().items()})
+        if not set(state) <= set(hf_model.state_dict()):  # transformers 4 names its layers differently
+            state = to_v4(state)
+        hf_model.load_state_dict(state, strict=True)
         hf_model.save_pretrained(tmp, safe_serialization=True)
         extractor.save_pretrained(tmp)
 

@@ -61,7 +61,7 @@ def hf_to_cmkd(state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch
 
 
 def cmkd_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """cmkd AST classifier state dict -> transformers (v5 names; transformers 4 reads them via its own rename)."""
+    """cmkd AST classifier state dict -> transformers >= 5 names (see :func:`to_v4` for transformers 4)."""
     out: dict[str, torch.Tensor] = {}
     inverse = {v: k for k, v in _V5.items()}
     for key, value in state.items():
@@ -109,3 +109,21 @@ def release_to_cmkd(state: Mapping[str, torch.Tensor], where: str) -> dict[str, 
         else:
             raise ConvertError(f"{where}: unexpected AST-release weight {key!r}")
     return out
+
+
+def to_v4(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5 AST names -> transformers 4 names (``encoder.layer.N.attention.attention.query``...)."""
+    v4 = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+          "attention.v_proj": "attention.attention.value",
+          **{k: _V4_BY_NAME[v] for k, v in _V5.items()}}
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(rf"{re.escape(_HF)}layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m:
+            layer, part, kind = m.groups()
+            key = f"{_HF}encoder.layer.{layer}.{v4[part]}.{kind}"
+        out[key] = value
+    return out
+
+
+_V4_BY_NAME = {v: k for k, v in _V4.items()}
