@@ -64,7 +64,19 @@ def test_imported_ast_finetuned_then_distilled_into_cnn(tmp_path):
     assert (teacher["model"][key] - start[key]).abs().max() < 1e-3
     assert teacher["model"]["backbone.pos_embed"].shape[1] == 2 + 2 * 5 != start["backbone.pos_embed"].shape[1]
     assert teacher["classes"] == list(CLASSES[:10])
-    assert (tmp_path / "runs/audioset_ast_to_cnn/student/checkpoints/best.pt").exists()
+    # The CNN student goes back out as a timm folder: timm rebuilds it with the same logits.
+    import timm
+
+    from cmkd.models.factory import load_model
+
+    student = tmp_path / "runs/audioset_ast_to_cnn/student"
+    assert cli("export", student, "--format", "hf", "-o", tmp_path / "cnn-timm").exit_code == 0
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / 'cnn-timm'}", pretrained=True).eval()
+    ours = load_model(str(student / "checkpoints/best.pt"))
+    x = torch.randn(2, 1, 32, 60)
+    with torch.no_grad():
+        assert (rebuilt(x) - ours.classifier(x)).abs().max() < 1e-5
+    assert rebuilt.pretrained_cfg["label_names"] == list(CLASSES[:10])
 
 
 @pytest.mark.slow

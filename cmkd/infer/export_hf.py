@@ -103,7 +103,8 @@ def _transformers_files(model: LoadedModel):
 
 def summary(done: ExportedFolder) -> str:
     how = ('transformers.pipeline("audio-classification", model=DIR)' if done.kind == "transformers"
-           else "timm.create_model(config['architecture'], num_classes=..., in_chans=1) + load_state_dict")
+           else f"timm.create_model('local-dir:{done.path}', pretrained=True) on [B, 1, mels, frames] features "
+                "(front end in cmkd_frontend.json)")
     return f"wrote {done.path}/ ({', '.join(done.files)}); load it with {how}"
 
 
