@@ -133,3 +133,26 @@ def test_offline_hub_id_is_one_clear_error(tmp_path):
     assert text.startswith("error:") and text.count("error:") == 1 and "Traceback" not in text, result.describe()
     assert "huggingface-cli download MIT/ast-finetuned-audioset-10-10-0.4593 --local-dir" in text
     assert "cmkd import ast-model -o model.pt" in text
+
+
+def test_import_from_and_to_fsspec_urls(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    folder = hf_folder(tmp_path / "hf")
+    for f in folder.iterdir():
+        fs.pipe(f"/p17-models/ast/{f.name}", f.read_bytes())
+    pth = tmp_path / "release.pth"
+    release_pth(pth)
+    fs.pipe("/p17-models/release.pth", pth.read_bytes())
+    fs.pipe("/p17-models/classes.txt", "".join(f"c{i}\n" for i in range(10)).encode())
+    try:
+        assert cli("import", "memory://p17-models/ast", "-o", "memory://p17-out/a.pt").exit_code == 0
+        done = cli("import", "memory://p17-models/release.pth", "--classes", "memory://p17-models/classes.txt",
+                   "-o", "memory://p17-out/b.pt")
+        assert done.exit_code == 0, done.output
+        write_clip(tmp_path / "clip.wav")
+        assert cli("predict", "memory://p17-out/a.pt", tmp_path / "clip.wav").exit_code == 0
+    finally:
+        fs.rm("/p17-models", recursive=True)
+        fs.rm("/p17-out", recursive=True)
