@@ -52,7 +52,8 @@ def download(repo_id: str) -> str:
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
         why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConvertError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {why[:100]}). "
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {why[:100]}); there is "
+            f"no local folder of that name either. "
             f"Offline? Where there is internet run `huggingface-cli download {repo_id} --local-dir ast-model`, "
             f"copy that folder here and run `cmkd import ast-model -o model.pt`"
         ) from None
