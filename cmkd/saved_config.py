@@ -125,8 +125,11 @@ REDACTED = "'<redacted>'"
 
 def _redact_value(value: str) -> tuple[str, bool]:
     """A gin value with every dict entry under a secret-looking key replaced; (text, changed)."""
+    expr = value.strip()
+    if expr.startswith("\\"):  # gin writes a long value on the next lines, after `= \`
+        expr = expr[1:].strip()
     try:
-        tree = ast.parse(value, mode="eval")
+        tree = ast.parse(expr, mode="eval")
     except SyntaxError:
         return value, False
     changed = False

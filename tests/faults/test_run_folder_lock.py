@@ -15,11 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from faultkit import FAULTS_DIR, flat
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 
 pytestmark = [pytest.mark.timeout(300)]
+
+
+def _printed(capsys) -> str:
+    """What cmkd printed (its console writes notes and warnings to stderr), whitespace-normalized."""
+    captured = capsys.readouterr()
+    return flat(captured.out + captured.err)
 
 DATA = """
 experiment.name = 'locked'
@@ -49,9 +56,10 @@ def _write_lock(stage: Path, host: str, pid: int) -> Path:
 
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes(tmp_path):
     steps = tmp_path / "steps.jsonl"
+    # 8 steps of 4 s: the first run still trains when the second (a fresh process) reaches the folder.
     gin_file = write_gin(tmp_path / "slow.gin", "import fault_plugins", TINY_AST, DATA, "train.epochs = 2",
-                         "train.strategy = @strategies.key_log", f"strategies.key_log.path = '{steps}'",
-                         "strategies.key_log.sleep = 0.7")
+                         "datasets.synthetic.train_samples = 16", "train.strategy = @strategies.key_log",
+                         f"strategies.key_log.path = '{steps}'", "strategies.key_log.sleep = 4.0")
     env = cmkd_env(tmp_path, PYTHONPATH=os.pathsep.join([str(FAULTS_DIR), cmkd_env(tmp_path)["PYTHONPATH"]]))
     args = [sys.executable, "-m", "cmkd", "run", gin_file, "--run-dir", str(tmp_path / "runs"), "--device", "cpu"]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -73,7 +81,13 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes(tmp_p
     finally:
         first.kill()
     summary = json.loads((stage / "summary.json").read_text())
-    assert summary["finished"] and (stage / "checkpoints" / "best.pt").exists()
+    assert summary["finished"] and summary["last"]["epoch"] == 2
+    # Not mixed: best.pt, last.pt and config.gin all come from the first run (its key_log strategy).
+    saved = (stage / "config.gin").read_text()
+    assert "key_log.sleep = 4.0" in saved
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(stage / "checkpoints" / name, weights_only=True)["config"] == saved
+    assert len(steps.read_text().splitlines()) == 8  # only the first run trained
     assert not (stage / "run.lock").exists()  # released at the stage's end
 
 
@@ -82,7 +96,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(inprocess, capsys):
     _write_lock(stage, socket.gethostname(), _dead_pid())
     summaries = inprocess.run(DATA)
     assert summaries["main"]["finished"] and not (stage / "run.lock").exists()
-    assert "taking over the lock" in flat(capsys.readouterr().out)
+    assert "taking over the lock" in _printed(capsys)
 
 
 def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
@@ -106,7 +120,7 @@ def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
         with gin.unlock_config():
             gin.clear_config()
     assert summaries["main"]["finished"] and not lock.exists()
-    assert "--force-unlock" in flat(capsys.readouterr().out)
+    assert "--force-unlock" in _printed(capsys)
 
 
 def test_the_lock_is_released_when_the_stage_fails(inprocess):
