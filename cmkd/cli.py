@@ -70,7 +70,9 @@ def run(
         finally:
             distributed.shutdown()
     except _user_errors() as err:
-        fail(_message(err))
+        from rich.markup import escape  # config values in the message hold brackets ([...], [@...])
+
+        fail(escape(_message(err)))
 
 
 def _message(err: BaseException) -> str:

@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Iterator
 
 import fsspec
+from rich.markup import escape
 
 from cmkd import storage
 from cmkd.train.checkpoint import CheckpointError
@@ -105,8 +106,8 @@ def stage_lock(directory: str, force: bool = False, enabled: bool = True) -> Ite
                 f"or give this run another --run-dir or experiment.name. If that run is dead (e.g. it crashed on "
                 f"another machine), pass --force-unlock")
         why = "its process is gone" if stale else "--force-unlock"
-        console.print(f"[yellow]note:[/] taking over the lock of {directory} from {describe(holder)} ({why})",
-                      highlight=False)
+        console.print("[yellow]note:[/] " + escape(f"taking over the lock of {directory} from {describe(holder)} "
+                                                    f"({why})"), highlight=False)
         storage.remove(url)
     else:
         raise StageLocked(f"could not take the lock {url}: other runs keep taking it; stop them and retry")

@@ -330,8 +330,10 @@ def _resume(ctx: StageContext, ckpt_dir: str, model: nn.Module, optimizer: torch
     if env.is_main:  # accepted: config.gin now says what the run goes on with
         storage.write_text(storage.join(ctx.stage_dir, "config.gin"), ctx.config_text)
     if env.is_main and (notes or changes):
-        console.print(f"[yellow]note:[/] --resume of {ctx.stage!r} continues with changed settings:\n    "
-                      + "\n    ".join(notes + changes), highlight=False, markup=True)
+        from rich.markup import escape  # values hold brackets: lists, dicts
+
+        console.print(f"[yellow]note:[/] --resume of {escape(repr(ctx.stage))} continues with changed settings:\n    "
+                      + escape("\n    ".join(notes + changes)), highlight=False)
     fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                     for g in optimizer.param_groups]
     fresh_base = list(scheduler.base_lrs)
