@@ -55,18 +55,18 @@ def _write_lock(stage: Path, host: str, pid: int) -> Path:
 
 
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes(tmp_path):
-    steps = tmp_path / "steps.jsonl"
-    # 8 steps of 4 s: the first run still trains when the second (a fresh process) reaches the folder.
-    gin_file = write_gin(tmp_path / "slow.gin", "import fault_plugins", TINY_AST, DATA, "train.epochs = 2",
-                         "datasets.synthetic.train_samples = 16", "train.strategy = @strategies.key_log",
-                         f"strategies.key_log.path = '{steps}'", "strategies.key_log.sleep = 4.0")
+    started, release = tmp_path / "started", tmp_path / "release"
+    # The first run's first step waits for `release`: the second run reaches the folder while it trains.
+    gin_file = write_gin(tmp_path / "held.gin", "import lock_plugins", TINY_AST, DATA, "train.epochs = 2",
+                         "train.strategy = @strategies.hold_until", f"strategies.hold_until.started = '{started}'",
+                         f"strategies.hold_until.release = '{release}'")
     env = cmkd_env(tmp_path, PYTHONPATH=os.pathsep.join([str(FAULTS_DIR), cmkd_env(tmp_path)["PYTHONPATH"]]))
     args = [sys.executable, "-m", "cmkd", "run", gin_file, "--run-dir", str(tmp_path / "runs"), "--device", "cpu"]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stage = tmp_path / "runs" / "locked" / "main"
     try:
         deadline = time.monotonic() + 120
-        while not steps.exists():  # training has started: the first run holds the lock
+        while not started.exists():  # training has started: the first run holds the lock
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
             time.sleep(0.2)
         holder = json.loads((stage / "run.lock").read_text())
@@ -76,18 +76,18 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes(tmp_p
         assert second.returncode == 2 and "Traceback" not in second.output, second.describe()
         assert f"PID {first.pid}" in out and socket.gethostname() in out and holder["started"] in out, out
         assert [ln for ln in second.output.splitlines() if ln.startswith("error:")], out
-        assert first.poll() is None  # the second run did not disturb the first
+        assert first.poll() is None and not (stage / "checkpoints").exists()  # the first run is undisturbed
+        release.touch()
         assert first.wait(timeout=200) == 0, first.communicate()[0]
     finally:
         first.kill()
     summary = json.loads((stage / "summary.json").read_text())
     assert summary["finished"] and summary["last"]["epoch"] == 2
-    # Not mixed: best.pt, last.pt and config.gin all come from the first run (its key_log strategy).
+    # Not mixed: best.pt, last.pt and config.gin all come from the first run.
     saved = (stage / "config.gin").read_text()
-    assert "key_log.sleep = 4.0" in saved
+    assert "hold_until.release" in saved
     for name in ("best.pt", "last.pt"):
         assert torch.load(stage / "checkpoints" / name, weights_only=True)["config"] == saved
-    assert len(steps.read_text().splitlines()) == 8  # only the first run trained
     assert not (stage / "run.lock").exists()  # released at the stage's end
 
 
