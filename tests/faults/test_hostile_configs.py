@@ -34,19 +34,24 @@ train.batch_size = 4
 
 
 def payloads(marker: Path) -> dict[str, tuple[str, str]]:
-    """name → (lines put before the saved bindings, the line the error must name)."""
+    """name → (lines appended to the saved config, the line the error must name). Appended, the
+    dynamic-registration payloads really run on a cmkd without the check (gin reuses the
+    registered configurable when the module path names it): checked by hand against the code
+    before this fix; the marker file appeared, and the stealth one exited 0."""
     touch = f"touch {marker}"
+    dynamic = f"from __gin__ import dynamic_registration\nimport os\nos.system.command = {touch!r}\n"
     return {
         # The finding as reported: dynamic registration, then a binding that calls os.system.
-        "dynamic": (f"from __gin__ import dynamic_registration\nimport os\nos.system.command = {touch!r}\n"
-                    f"classifier.head = @os.system()\n", "from __gin__ import dynamic_registration"),
-        # Stealth: the call hides in a backbone parameter (os.system returns 0, a valid dropout).
-        "stealth": (f"from __gin__ import dynamic_registration\nimport os\nos.system.command = {touch!r}\n"
-                    f"backbones.ast.drop_rate = @os.system()\n", "from __gin__ import dynamic_registration"),
-        "subprocess": (f"import subprocess\nsubprocess.call.args = ['touch', {str(marker)!r}]\n",
-                       "import subprocess"),
+        "dynamic": (dynamic + "import cmkd.models.classifier\n"
+                              "cmkd.models.classifier.build_classifier.head = @os.system()\n",
+                    "from __gin__ import dynamic_registration"),
+        # Stealth: the call hides in a backbone parameter (os.system returns 0, a valid drop-path rate).
+        "stealth": (dynamic + "import cmkd.models.backbones.ast\n"
+                              "cmkd.models.backbones.ast.ast.drop_path_rate = @os.system()\n",
+                    "from __gin__ import dynamic_registration"),
+        "subprocess": (f"import subprocess\nbackbones.ast.drop_path_rate = @subprocess.call()\n", "import subprocess"),
         # No import line at all: a reference to a configurable that cmkd never registered.
-        "reference": (f"backbones.ast.drop_rate = @subprocess.call()\n", "@subprocess.call()"),
+        "reference": ("backbones.ast.drop_path_rate = @subprocess.call()\n", "@subprocess.call()"),
     }
 
 
@@ -67,7 +72,7 @@ def hostile_checkpoint(source: Path, out: Path, payload: str) -> Path:
     from cmkd.train import checkpoint
 
     ckpt = torch.load(source, weights_only=True)
-    ckpt["config"] = payload + ckpt["config"]
+    ckpt["config"] = ckpt["config"] + payload
     for key in ("format", "format_version", "cmkd_version"):
         ckpt.pop(key, None)
     checkpoint.save(str(out), ckpt)
@@ -117,7 +122,7 @@ def test_an_edited_config_gin_is_refused_by_report(trained, tmp_path):
     run = tmp_path / "runs" / "sec"
     shutil.copytree(trained["stage"].parent, run)
     gin_file = run / "main" / "config.gin"
-    gin_file.write_text(payload + gin_file.read_text())
+    gin_file.write_text(gin_file.read_text() + payload)
     assert_refused(run_cmkd(["report", run, "--device", "cpu"], env=cmkd_env(tmp_path)), offending, marker)
 
 
