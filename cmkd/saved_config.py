@@ -164,7 +164,8 @@ def redact(config_text: str) -> tuple[str, list[str]]:
             i += 1
         param = key.rsplit(".", 1)[-1]
         if "." in key and SECRET_NAME.search(param):
-            value, changed = REDACTED, value.strip() not in ("None", "''", '""')
+            changed = value.strip() not in ("None", "''", '""')  # nothing secret in an unset value
+            value = REDACTED if changed else value
         else:
             value, changed = _redact_value(value.strip()) if "{" in value else (value, False)
         if changed:
