@@ -49,7 +49,7 @@ def payloads(marker: Path) -> dict[str, tuple[str, str]]:
         "stealth": (dynamic + "import cmkd.models.backbones.ast\n"
                               "cmkd.models.backbones.ast.ast.drop_path_rate = @os.system()\n",
                     "from __gin__ import dynamic_registration"),
-        "subprocess": (f"import subprocess\nbackbones.ast.drop_path_rate = @subprocess.call()\n", "import subprocess"),
+        "subprocess": ("import subprocess\nbackbones.ast.drop_path_rate = @subprocess.call()\n", "import subprocess"),
         # No import line at all: a reference to a configurable that cmkd never registered.
         "reference": ("backbones.ast.drop_path_rate = @subprocess.call()\n", "@subprocess.call()"),
     }

@@ -124,7 +124,9 @@ def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
 
 
 def test_the_lock_is_released_when_the_stage_fails(inprocess):
-    with pytest.raises(Exception):
+    from cmkd.train.loop import TrainingError
+
+    with pytest.raises(TrainingError):  # the non-finite loss stops the stage
         inprocess.run(DATA, "import fault_plugins", "train.strategy = @strategies.nan_at",
                       "strategies.nan_at.at_call = 1")
     assert not (inprocess.runs / "locked" / "main" / "run.lock").exists()
