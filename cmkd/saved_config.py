@@ -55,6 +55,17 @@ def _trusted_roots() -> list[str]:
     return ["cmkd", *plugin_modules(), *sorted(user_imports), *_allowed_by_user()]
 
 
+def _registered_component(found: object) -> bool:
+    """A component in one of cmkd's registries (``@strategies.x``): code the process itself chose to
+    register as a cmkd component — cmkd, a plugin, or the caller's own Python — never gin's dynamic kind."""
+    from cmkd.registry import REGISTRIES
+
+    kind, name = getattr(found, "module", None), getattr(found, "name", None)
+    if kind not in REGISTRIES or name not in REGISTRIES[kind]:
+        return False
+    return REGISTRIES[kind].get(name) is getattr(found, "wrapped", None)
+
+
 def _line(st: config_parser.BindingStatement | config_parser.ImportStatement) -> str:
     return f"line {st.location.line_num}: {st.location.line_content.strip()!r}"
 
@@ -111,7 +122,8 @@ def check(config_text: str, source: str = "a saved gin config") -> None:
                 raise ImportNotAllowed(
                     f"{source}: refused {_line(st)}: {selector!r} is not a configurable registered by cmkd or an "
                     f"installed plugin (`cmkd registry` lists them); {why}")
-            if f"{module}.{found.name}" not in _GIN_BUILTINS and module != "gin.config" and not _under(module, roots):
+            if not (_registered_component(found) or f"{found.module}.{found.name}" in _GIN_BUILTINS
+                    or _under(module, roots)):
                 raise ImportNotAllowed(
                     f"{source}: refused {_line(st)}: {selector!r} comes from module {module!r}, not from cmkd or an "
                     f"installed plugin; {why}")
