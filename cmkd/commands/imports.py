@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cmkd.cli import fail
+from cmkd.commands.common import fail
 
 
 def register(app: typer.Typer) -> None:
@@ -28,8 +28,8 @@ def import_model(
     from cmkd import storage
     from cmkd.models.convert import ConvertError, import_source
     from cmkd.models.factory import load_model
-    from cmkd.train import checkpoint
-    from cmkd.train.progress import console
+    from cmkd import checkpoint
+    from cmkd.console import console
 
     try:
         if storage.exists(output) and not overwrite:

@@ -17,11 +17,12 @@ from typing import Any
 import fsspec
 
 from cmkd.data.members import FORMAT_VERSION, FORMAT_VERSIONS
+from cmkd.errors import CmkdError
 
 MANIFEST_NAME = "dataset.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(CmkdError, ValueError):
     """``dataset.json`` is missing or malformed; the message names the URL and the field."""
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel
-from cmkd.train.evaluate import _ensemble_combiner
+from cmkd.models.inference import ensemble_combiner
 from cmkd.train.metrics import compute_metrics, per_class
 
 
@@ -120,7 +120,7 @@ def predict_split(models: Sequence[LoadedModel], batches: Any, device: torch.dev
     logits = [np.concatenate(chunks) for chunks in member]
     combined = logits[0]
     if len(models) > 1:  # the training code's ensemble rule: average probabilities
-        combine = _ensemble_combiner(models[0].multilabel)
+        combine = ensemble_combiner(models[0].multilabel)
         combined = combine([torch.from_numpy(z) for z in logits]).numpy()
     return Predictions(keys, np.concatenate(targets), logits, combined)
 

@@ -20,7 +20,7 @@ import torch
 from cmkd import storage
 from cmkd.infer import plots
 from cmkd.infer.sources import InferError
-from cmkd.train import checkpoint
+from cmkd import checkpoint
 
 _STAGES = re.compile(r"^experiment\.stages\s*=\s*(\[.*?\])", re.MULTILINE | re.DOTALL)
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cmkd import storage
-from cmkd.train import checkpoint, distributed
+from cmkd import checkpoint
+from cmkd.train import distributed
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
 

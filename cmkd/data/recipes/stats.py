@@ -51,7 +51,7 @@ def _recompute(url: str, splits: list[str] | None, max_clips: int | None, write:
 
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     if max_clips is not None and max_clips < 2:
         raise ManifestError(f"--max-clips must be at least 2, got {max_clips}")

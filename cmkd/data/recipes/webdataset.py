@@ -148,7 +148,7 @@ def _read_classes(url: str, storage_options: dict[str, Any]) -> list[str]:
 def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOptions, quiet: bool) -> dict[str, SplitScan]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     urls = {name: expand(base, pattern) for name, pattern in patterns.items()}
     progress = Progress(TextColumn("[bold]counting {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -189,7 +189,7 @@ def _norm(manifest: Manifest, splits: list[str], opts: AdoptOptions, quiet: bool
     """fbank mean/std over the first ``norm_clips`` usable clips of ``splits`` (None if fewer than 2)."""
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     acc = NormStats(manifest.sample_rate)
     urls = [u for s in splits for u in manifest.shard_urls(s)]
@@ -213,7 +213,7 @@ class _nothing:
 
 
 def _summary(report: AdoptReport, norm_splits: list[str]) -> None:
-    from cmkd.train.progress import console, out, table
+    from cmkd.console import console, out, table
 
     m = report.manifest
     rows = [(name, s.shards, s.samples, sum(1 for p in report.problems if p.url in m.shard_urls(name)))
