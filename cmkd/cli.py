@@ -10,6 +10,9 @@ import typer
 
 from cmkd.commands.common import USER_ERRORS, exit_code, fail, fail_verbatim, message
 
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

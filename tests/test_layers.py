@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "cmkd"
 ABOVE_THE_WINGS = ("cmkd.train", "cmkd.infer", "cmkd.experiment", "cmkd.cli", "cmkd.commands")
 WINGS = ("audio", "models", "data", "distill")
-FLOOR = ("errors", "console", "checkpoint", "device", "registry", "storage", "plugins")
+FLOOR = ("errors", "console", "checkpoint", "device", "registry", "storage", "plugins", "jsonstate")
 ABOVE_THE_FLOOR = (*ABOVE_THE_WINGS, *(f"cmkd.{w}" for w in WINGS), "cmkd.config", "cmkd.saved_config")
 
 

@@ -8,6 +8,9 @@ import typer
 
 from cmkd.commands.common import USER_ERRORS, exit_code, fail
 
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
 
 

@@ -8,7 +8,8 @@ import typer
 
 from cmkd.commands.common import USER_ERRORS, exit_code, fail
 
-
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `cmkd` app."""

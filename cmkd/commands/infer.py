@@ -13,6 +13,9 @@ import typer
 from cmkd.commands.common import USER_ERRORS, exit_code
 from cmkd.commands.common import fail_verbatim as fail  # paths and shapes may hold [brackets]
 
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 CLIP_HELP = "run the model on clips of this many seconds (an AST's positional embedding is resized; CNNs take any length)"
 
@@ -78,7 +81,7 @@ def eval_cmd(
     import json
 
     from cmkd import plugins
-    from cmkd.infer.evaluate_cmd import check_compatible, open_split, predict_split, report, tables
+    from cmkd.infer.scoring import check_compatible, open_split, predict_split, report, tables
     from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
 
     if len(args) < 2:
@@ -119,13 +122,13 @@ def predict(
 ) -> None:
     """Top-k labels for audio files; long files are scored in sliding windows."""
     from cmkd import plugins
-    from cmkd.infer import predict as P
+    from cmkd.infer import predict as predicting
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.sources import collect, require_sources
 
     fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
-    if fmt not in P.FORMATS:
-        fail(f"--format {fmt!r}: use one of {', '.join(P.FORMATS)}")
+    if fmt not in predicting.FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(predicting.FORMATS)}")
     if top_k < 1:
         fail(f"--top-k must be at least 1, got {top_k}")
     plugins.load_all()
@@ -134,9 +137,9 @@ def predict(
         require_sources(found)
         dev = device_of(device)
         model = open_model(checkpoint, dev, clip_seconds)
-        settings = P.settings_for(model, window, hop, reduce)
+        settings = predicting.settings_for(model, window, hop, reduce)
         _note_window(model, settings.window_s)
-        preds = list(P.predict(model, found.sources, settings, batch_size=batch_size, device=dev))
+        preds = list(predicting.predict(model, found.sources, settings, batch_size=batch_size, device=dev))
     except USER_ERRORS as err:
         fail(str(err), exit_code(err))
         return
@@ -144,7 +147,7 @@ def predict(
     failed = found.missing + [(p.path, p.error) for p in preds if p.error is not None]
     ok = [p for p in preds if p.error is None]
     _report_failures(failed, len(ok), "scored")
-    _emit(P.render(fmt, model, settings, preds + [P.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
+    _emit(predicting.render(fmt, model, settings, preds + [predicting.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
                    min(top_k, len(model.classes))), output)
 
 
@@ -180,7 +183,7 @@ def embed(
 ) -> None:
     """Pooled embeddings (the classifier head's input) of audio files; long files → mean over windows."""
     from cmkd import plugins
-    from cmkd.infer import embed as E
+    from cmkd.infer import embed as embedding
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.predict import settings_for
     from cmkd.infer.sources import collect, require_sources
@@ -188,25 +191,25 @@ def embed(
 
     plugins.load_all()
     try:
-        E.check_output(out_dir, overwrite)
+        embedding.check_output(out_dir, overwrite)
         found = collect(paths)
         require_sources(found, "embed")
         dev = device_of(device)
         model = open_model(checkpoint, dev, clip_seconds)
         settings = settings_for(model, window, hop, "mean")
         _note_window(model, settings.window_s)
-        matrix, results = E.embed(model, found.sources, settings, batch_size=batch_size, device=dev)
+        matrix, results = embedding.embed(model, found.sources, settings, batch_size=batch_size, device=dev)
     except USER_ERRORS as err:
         fail(str(err), exit_code(err))
         return
     _note_skipped(found.skipped)
     failed = found.missing + [(r.source.path, r.error) for r in results if r.error is not None]
     _report_failures(failed, matrix.shape[0], "embedded")
-    meta = E.index(model, settings, results, model.classifier.embed_dim)
+    meta = embedding.index(model, settings, results, model.classifier.embed_dim)
     meta["errors"] += [{"path": p, "error": why} for p, why in found.missing]
-    E.write(out_dir, matrix, meta)
-    console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{E.EMBEDDINGS} "
-                  f"(row order in {E.INDEX})", markup=False, highlight=False)
+    embedding.write(out_dir, matrix, meta)
+    console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{embedding.EMBEDDINGS} "
+                  f"(row order in {embedding.INDEX})", markup=False, highlight=False)
 
 
 def export(
@@ -220,7 +223,7 @@ def export(
     import torch
 
     from cmkd import plugins
-    from cmkd.infer import export as X
+    from cmkd.infer import export as exporting
     from cmkd.infer.loading import open_model, resolve_checkpoint
     from cmkd.console import console
 
@@ -231,19 +234,19 @@ def export(
         try:
             url = resolve_checkpoint(checkpoint)
             if output is None:
-                raise X.InferError("--format hf writes a folder; name it with -o DIR")
+                raise exporting.InferError("--format hf writes a folder; name it with -o DIR")
             console.print(summary(export_folder(open_model(url, torch.device("cpu")), output, overwrite)),
                           markup=False, highlight=False)
         except USER_ERRORS as err:
             fail(str(err), exit_code(err))
         return
     try:
-        if fmt not in X.FORMATS:
-            raise X.InferError(f"--format {fmt!r}: use one of {', '.join(X.FORMATS)}")
+        if fmt not in exporting.FORMATS:
+            raise exporting.InferError(f"--format {fmt!r}: use one of {', '.join(exporting.FORMATS)}")
         url = resolve_checkpoint(checkpoint)
         model = open_model(url, torch.device("cpu"), clip_seconds)  # exported graphs are traced on CPU
-        target = output or X.default_path(url, fmt)
-        done = X.export(model, fmt, target, model.clip_samples, overwrite)
+        target = output or exporting.default_path(url, fmt)
+        done = exporting.export(model, fmt, target, model.clip_samples, overwrite)
     except USER_ERRORS as err:
         fail(str(err), exit_code(err))
         return

@@ -10,12 +10,11 @@ from cmkd import storage
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel, load_model
 from cmkd import checkpoint
+from cmkd.device import pick_device
 from cmkd.checkpoint import resolve as resolve_checkpoint  # noqa: F401 - cmkd.infer's public name
 
 
 def device_of(name: str) -> torch.device:
-    from cmkd.device import pick_device
-
     try:
         return pick_device(name)
     except RuntimeError as err:  # its message already names the flag and the fix

@@ -126,7 +126,7 @@ class Trainer:
         batches = guard_batches(loader, lambda err: self.data_failed(err, epoch), self.state.data_skipped)
         for batch in waits.wrap(itertools.islice(batches, max(0, self.steps_per_epoch - pos.step_in_epoch))):
             self.step(batch, epoch)
-            self.bar.step(batch["wave"].shape[0] * env.world_size, pos.running / pos.seen,
+            self.bar.step(batch["wave"].shape[0] * env.world_size, pos.loss_sum / pos.loss_steps,
                           f"ep {epoch + 1}/{s.epochs} · data wait {waits.fraction(time.perf_counter() - t_epoch):.0%}"
                           f"{' · ' + self.shown if self.shown else ''}")
             if s.checkpoint_every and pos.step % s.checkpoint_every == 0 and pos.step_in_epoch < self.steps_per_epoch:
@@ -174,8 +174,8 @@ class Trainer:
         # count it: position, the epoch's running loss, the logs of log_steps / log_every
         pos.step += 1
         pos.step_in_epoch += 1
-        pos.running += float(loss.detach()) if torch.isfinite(loss) else 0.0  # host sync
-        pos.seen += 1
+        pos.loss_sum += float(loss.detach()) if torch.isfinite(loss) else 0.0  # host sync
+        pos.loss_steps += 1
         self.log_step(epoch, loss)
 
     def log_step(self, epoch: int, loss: torch.Tensor) -> None:
@@ -200,7 +200,7 @@ class Trainer:
         s, env, st = self.s, self.env, self.state
         pos = st.position
         distributed.sync_buffers(env, st.model)  # evaluate (and save) rank 0's BatchNorm statistics everywhere
-        train_loss = distributed.all_reduce_mean(env, pos.running / max(1, pos.seen))
+        train_loss = distributed.all_reduce_mean(env, pos.loss_sum / max(1, pos.loss_steps))
         eval_skipped: Counter = Counter()
         metrics, _ = evaluate(env, [st.model], self.featurizer,
                               guard_batches(self.ds.eval_loader(s.batch_size, rank=env.rank, world_size=env.world_size),
@@ -217,7 +217,7 @@ class Trainer:
         improved = not pos.best or metrics[self.metric_name] > pos.best[f"eval_{self.metric_name}"]
         if improved:
             pos.best = record
-        pos.epoch, pos.step_in_epoch, pos.running, pos.seen, pos.stream = epoch + 1, 0, 0.0, 0, {}
+        pos.epoch, pos.step_in_epoch, pos.loss_sum, pos.loss_steps, pos.stream = epoch + 1, 0, 0.0, 0, {}
         st.data_skipped.clear()
         self.averager.add(epoch + 1, st.model, dict(st.meta, epoch=epoch + 1, step=pos.step, metrics=record), env)
         # best.pt before the training state that records it: a run stopped between the two writes
