@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import gin
-
 from cmkd import saved_config
-from cmkd.errors import ConfigError, ImportNotAllowed
+from cmkd.errors import ConfigError, ImportNotAllowed  # noqa: F401 - ImportNotAllowed: re-exported, its old home
 from cmkd.registry import REGISTRIES
 from cmkd.saved_config import ALLOW_IMPORT_ENV  # noqa: F401 - re-exported: its old home
 

@@ -9,18 +9,17 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import gin
 from rich.markup import escape
 
-from cmkd import saved_config, storage
+import gin
+from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
-from cmkd import checkpoint
+from cmkd.console import console, out, table
 from cmkd.infer.report import write_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.loop import check as check_stage
-from cmkd.console import console, out, table
 
 
 @gin.configurable("experiment")

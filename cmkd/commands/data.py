@@ -108,9 +108,9 @@ def stats(
     write: bool = typer.Option(False, help="store the result as 'norm' in dataset.json"),
 ) -> None:
     """Recompute the fbank mean/std used to normalize features, and optionally save it."""
+    from cmkd.console import out, table
     from cmkd.data.recipes.prepare import shown_url
     from cmkd.data.recipes.stats import recompute_stats
-    from cmkd.console import out, table
 
     try:
         res = recompute_stats(url, list(split) or None, max_clips, write=write)

@@ -28,8 +28,8 @@ def average(
         False, "--allow-config-mismatch", help="average checkpoints whose gin configs differ (same architecture)"),
 ) -> None:
     """Average checkpoints' weights uniformly (as PSLA/AST do) into one loadable checkpoint."""
-    from cmkd.train.averaging import average_checkpoints
     from cmkd.console import console
+    from cmkd.train.averaging import average_checkpoints
 
     try:
         average_checkpoints(checkpoints, out, allow_config_mismatch)
@@ -55,11 +55,11 @@ def teacher_logits(
     """Score a split once with a teacher and store its logits for strategies.offline_kd."""
     from cmkd import plugins, storage
     from cmkd.checkpoint import resolve
+    from cmkd.console import console
     from cmkd.data.stream import webdataset
+    from cmkd.device import pick_device
     from cmkd.distill.offline import compute_teacher_logits, default_logits_url, keys_url, save_teacher_logits
     from cmkd.models.factory import load_model
-    from cmkd.device import pick_device
-    from cmkd.console import console
 
     plugins.load_all()  # the teacher's config may name plugin components
     try:

@@ -27,11 +27,10 @@ def import_model(
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
 ) -> None:
     """Convert a pretrained model into a self-describing cmkd checkpoint (classes, front end, normalization)."""
-    from cmkd import storage
+    from cmkd import checkpoint, storage
+    from cmkd.console import console
     from cmkd.models.convert import ConvertError, import_source
     from cmkd.models.factory import load_model
-    from cmkd import checkpoint
-    from cmkd.console import console
 
     try:
         if storage.exists(output) and not overwrite:

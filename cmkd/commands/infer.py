@@ -81,8 +81,8 @@ def eval_cmd(
     import json
 
     from cmkd import plugins
-    from cmkd.infer.scoring import check_compatible, open_split, predict_split, report, tables
     from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
+    from cmkd.infer.scoring import check_compatible, open_split, predict_split, report, tables
 
     if len(args) < 2:
         fail("give at least one checkpoint and then the dataset root, e.g. "
@@ -152,8 +152,8 @@ def predict(
 
 
 def _note_window(model: Any, window_s: float) -> None:
-    from cmkd.infer.loading import frames_cut, input_seconds
     from cmkd.console import console
+    from cmkd.infer.loading import frames_cut, input_seconds
 
     if frames_cut(model, window_s) > 0:
         console.print(f"note: the model's input spans {input_seconds(model):.2f} s, so it sees only the start of each "
@@ -183,11 +183,11 @@ def embed(
 ) -> None:
     """Pooled embeddings (the classifier head's input) of audio files; long files → mean over windows."""
     from cmkd import plugins
+    from cmkd.console import console
     from cmkd.infer import embed as embedding
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.predict import settings_for
     from cmkd.infer.sources import collect, require_sources
-    from cmkd.console import console
 
     plugins.load_all()
     try:
@@ -223,9 +223,9 @@ def export(
     import torch
 
     from cmkd import plugins
+    from cmkd.console import console
     from cmkd.infer import export as exporting
     from cmkd.infer.loading import open_model, resolve_checkpoint
-    from cmkd.console import console
 
     plugins.load_all()
     if fmt == "hf":  # a folder, not a traced graph: docs/pretrained.md
@@ -268,9 +268,9 @@ def report(
 ) -> None:
     """Figures (training curves, confusion matrices) and report.md for a run."""
     from cmkd import plugins
+    from cmkd.console import console
     from cmkd.infer.loading import device_of
     from cmkd.infer.report import write_report
-    from cmkd.console import console
 
     plugins.load_all()
     try:

@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 
-from cmkd import storage
+from cmkd import checkpoint
+from cmkd.checkpoint import resolve as resolve_checkpoint  # noqa: F401 - cmkd.infer's public name
+from cmkd.device import pick_device
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel, load_model
-from cmkd import checkpoint
-from cmkd.device import pick_device
-from cmkd.checkpoint import resolve as resolve_checkpoint  # noqa: F401 - cmkd.infer's public name
 
 
 def device_of(name: str) -> torch.device:

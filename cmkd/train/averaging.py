@@ -19,11 +19,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from cmkd import storage
-from cmkd import saved_config
-from cmkd import checkpoint
-from cmkd.train import distributed
+from cmkd import checkpoint, saved_config, storage
 from cmkd.console import console
+from cmkd.train import distributed
 
 StateDict = Mapping[str, torch.Tensor]
 

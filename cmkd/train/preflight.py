@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from cmkd import checkpoint, storage
 from cmkd.config import binding_location
 from cmkd.distill.offline import check_teacher_logits
