@@ -112,6 +112,9 @@ def resolve(path: str, which: str = "best") -> str:
         return path
     if storage.exists(url):
         return url
+    if not storage.exists(path):
+        raise CheckpointError(f"no {which} checkpoint at {url}; pass a .pt file or a finished stage folder "
+                              f"(runs/<experiment>/<stage>)")
     stages = [d for d in storage.listdir(path) if storage.exists(stage_checkpoint(storage.join(path, d), "last"))]
     if stages:
         raise CheckpointError(f"{path} is an experiment folder with stages {stages}; pass one stage, e.g. "
