@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
+
+from cmkd.data.shardlist import DEFAULT_MAX_SHARDS  # noqa: F401 (re-exported)
+from cmkd.data.shardlist import PatternError, ShardUrls, check_pattern, parse
 
 MANIFEST_NAME = "dataset.json"
 
@@ -69,8 +71,12 @@ class Manifest:
     def clip_samples(self) -> int:
         return int(round(self.clip_seconds * self.sample_rate))
 
-    def shard_urls(self, split: str, root: str | None = None) -> list[str]:
-        """Absolute shard URLs of ``split`` under ``root`` (default: where it was loaded from)."""
+    def shard_urls(self, split: str, root: str | None = None, *, max_shards: int | None = None) -> Sequence[str]:
+        """Absolute shard URLs of ``split`` under ``root`` (default: where it was loaded from).
+
+        A lazy sequence (names are built when indexed); more than ``max_shards`` (default
+        :data:`DEFAULT_MAX_SHARDS`, or ``CMKD_MAX_SHARDS``) is refused with a ManifestError.
+        """
         base = root if root is not None else self.root
         if base is None:
             raise ManifestError(
@@ -81,7 +87,11 @@ class Manifest:
                 f"manifest {self.name!r} at {base}: no split {split!r}; it has {sorted(self.splits)}. "
                 f"Pick one of those or re-run `cmkd prepare` with that split"
             )
-        return [join_url(base, name) for name in brace_expand(self.splits[split].shards)]
+        where = join_url(base, MANIFEST_NAME)
+        try:
+            return ShardUrls(base, self.splits[split].shards, max_shards=max_shards, where=f"{where} split {split!r}")
+        except PatternError as err:
+            raise ManifestError(str(err)) from None
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, where: str | None = None) -> None:
@@ -112,7 +122,7 @@ class Manifest:
             if not isinstance(split.shards, str) or not split.shards:
                 raise bad(f"splits.{name}.shards", "must be a non-empty brace pattern like 'train-{000000..000003}.tar'")
             try:
-                brace_expand(split.shards)
+                check_pattern(split.shards)  # counted, not expanded; names must stay under the root
             except ValueError as err:
                 raise bad(f"splits.{name}.shards", str(err)) from None
             if not isinstance(split.samples, int) or split.samples < 0:
@@ -246,54 +256,15 @@ def _is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+def brace_expand(pattern: str, limit: int = 1_000_000) -> list[str]:
+    """Expand ``a-{000..002}.tar`` and ``{x,y}.tar`` (nested and repeated braces allowed) into a list.
 
-
-def brace_expand(pattern: str) -> list[str]:
-    """Expand ``a-{000..002}.tar`` and ``{x,y}.tar`` (nested and repeated braces allowed)."""
-    start = pattern.find("{")
-    if start < 0:
-        if "}" in pattern:
-            raise ValueError(f"unbalanced '}}' in shard pattern {pattern!r}")
-        return [pattern]
-    depth, end = 0, -1
-    for i in range(start, len(pattern)):
-        if pattern[i] == "{":
-            depth += 1
-        elif pattern[i] == "}":
-            depth -= 1
-            if depth == 0:
-                end = i
-                break
-    if end < 0:
-        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
-    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    match = _RANGE.match(body)
-    if match:
-        lo_s, hi_s = match.groups()
-        lo, hi = int(lo_s), int(hi_s)
-        if hi < lo:
-            raise ValueError(f"descending range {{{body}}} in shard pattern {pattern!r}")
-        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
-        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
-    else:
-        options = _split_top_level(body)
-    tails = brace_expand(tail)
-    return [h + t for opt in options for h in brace_expand(head + opt) for t in tails]
-
-
-def _split_top_level(body: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in body:
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        depth += ch == "{"
-        depth -= ch == "}"
-        cur += ch
-    parts.append(cur)
-    return parts
+    For small patterns only (at most ``limit`` names); datasets use the lazy :class:`ShardUrls`.
+    """
+    node = parse(pattern)
+    if node.count > limit:
+        raise ValueError(f"shard pattern {pattern!r} names {node.count:,} shards, more than {limit:,} to list")
+    return [node.item(i) for i in range(node.count)]
 
 
 def shard_pattern(prefix: str, count: int, *, width: int = 6, suffix: str = ".tar") -> str:

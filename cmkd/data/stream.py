@@ -28,6 +28,7 @@ import torch
 
 from cmkd.audio.io import AudioError, load_audio
 from cmkd.data.manifest import Manifest, ManifestError
+from cmkd.data.shardlist import Chained
 from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
 from cmkd.registry import datasets
 
@@ -87,6 +88,10 @@ class SampleError(ValueError):
 
 
 RETRY = "read_retry"  # SkipCounter key of retried storage reads
+# Far above any real clip (10 s of 48 kHz stereo float WAV is 4 MB); a bigger member is junk
+# or an attack, and reading it would cost its size in RAM in every worker.
+DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
+_OVERSIZE = "__oversize__"
 
 # Errors of the tar format itself: the data is there but broken, a re-read gives the same bytes.
 _CORRUPT_TAR = (tarfile.ReadError, EOFError)
@@ -110,10 +115,13 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     return fsspec.open(url, "rb", **(storage_options or {})).open()
 
 
-def iter_tar_records(fileobj: Any, url: str = "<stream>") -> Iterator[dict[str, Any]]:
+def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                     skipped: "SkipCounter | None" = None) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members by key: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
 
     ``<key>.<ext>`` splits at the last dot, so keys may contain dots (AudioSet-style ids).
+    A member larger than ``max_member_bytes`` (its size is in the tar header) is never read:
+    its whole record is dropped and counted in ``skipped`` as kind "oversize".
     """
     current: dict[str, Any] | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
@@ -125,14 +133,26 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>") -> Iterator[dict[str, 
             if not key or "/" in ext:
                 key, ext = name, ""
             if current is not None and current["__key__"] != key:
-                yield current  # before reading on: a shard cut short inside the next member keeps this one
+                if not current.get(_OVERSIZE):
+                    yield current  # before reading on: a shard cut short inside the next member keeps this one
                 current = None
-            handle = tar.extractfile(member)
-            payload = handle.read() if handle is not None else b""
             if current is None:
                 current = {"__key__": key, "__url__": url}
+            if member.size > max_member_bytes:
+                # Not extracted: the stream skips the body in small blocks when it moves on.
+                if not current.get(_OVERSIZE):
+                    current[_OVERSIZE] = True
+                    (skipped if skipped is not None else SkipCounter()).record(SampleError(
+                        f"{url} key {key!r}: member {name!r} is {member.size / 2**20:.0f} MB, above the "
+                        f"{max_member_bytes / 2**20:g} MB limit; the sample is skipped (raise "
+                        f"datasets.webdataset.max_member_mb if it is real)", "oversize"))
+                continue
+            if current.get(_OVERSIZE):
+                continue
+            handle = tar.extractfile(member)
+            payload = handle.read() if handle is not None else b""
             current[ext.lower()] = payload
-    if current is not None:
+    if current is not None and not current.get(_OVERSIZE):
         yield current
 
 
@@ -145,6 +165,7 @@ def iter_shard(
     opener: Callable[[str], Any] | None = None,
     on_error: str = "raise",
     skipped: "SkipCounter | None" = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Records of one shard. A transient read error reopens the shard after an exponential
     backoff (``backoff * 2**k`` s) and skips the records already yielded, so the stream
@@ -161,7 +182,9 @@ def iter_shard(
         index = 0
         try:
             with open_(url) as fh:
-                for record in iter_tar_records(fh, url):
+                # Oversize members are counted once, on the first pass, not again after a reopen.
+                for record in iter_tar_records(fh, url, max_member_bytes=max_member_bytes,
+                                               skipped=skipped if done == 0 and failures == 0 else None):
                     if index >= done:
                         yield record
                         done += 1
@@ -350,11 +373,15 @@ class ShardDataset:
     def __init__(self, root: str, *, train_split: str | Sequence[str] = "train", eval_split: str | None = None, num_workers: int = 2,
                  shuffle_buffer: int = 256, balanced: bool = False, balanced_max_labels: int | None = None,
                  retries: int = 5, backoff: float = 0.5, on_error: str = "raise", prefetch_factor: int = 2,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, max_shards: int | None = None,
+                 max_member_mb: float = DEFAULT_MAX_MEMBER_BYTES / 2**20):
         if on_error not in ON_ERROR:
             raise ValueError(f"webdataset(on_error={on_error!r}): use one of {ON_ERROR}")
         if num_workers < 0 or retries < 0:
             raise ValueError(f"webdataset: num_workers and retries must be >= 0, got {num_workers}, {retries}")
+        if not max_member_mb > 0 or (max_shards is not None and max_shards < 1):
+            raise ValueError(f"webdataset: max_member_mb and max_shards must be positive, got {max_member_mb}, {max_shards}")
+        self.max_shards, self.max_member_bytes = max_shards, int(max_member_mb * 2**20)
         self.storage_options = dict(storage_options or {})
         self.manifest = Manifest.load(root, storage_options=self.storage_options)
         self.root: str = self.manifest.root  # type: ignore[assignment]
@@ -402,7 +429,8 @@ class ShardDataset:
     def _reader(self) -> Callable[[str], Iterator[dict[str, Any]]]:
         # A partial (not a lambda) so the stream pickles for spawn-started workers.
         return functools.partial(iter_shard, retries=self.retries, backoff=self.backoff,
-                                 storage_options=self.storage_options, on_error=self.on_error, skipped=self.skipped)
+                                 storage_options=self.storage_options, on_error=self.on_error, skipped=self.skipped,
+                                 max_member_bytes=self.max_member_bytes)
 
     @property
     def train_samples(self) -> int:
@@ -426,7 +454,8 @@ class ShardDataset:
         that never stopped.
         """
         _check_rank(rank, world_size)
-        urls = [url for s in self.train_splits for url in self.manifest.shard_urls(s)]
+        # Lazy: a split's names are built when a reader draws them, never listed whole.
+        urls = Chained([self.manifest.shard_urls(s, max_shards=self.max_shards) for s in self.train_splits])
         slots = world_size * max(1, self.num_workers)
         if len(urls) < slots and not self._warned_few_shards:
             self._warned_few_shards = True
@@ -450,7 +479,7 @@ class ShardDataset:
         if split is None:
             raise ManifestError(f"{self.root}: no eval split (looked for {EVAL_SPLIT_NAMES}); "
                                 f"it has {sorted(self.manifest.splits)}. Set eval_split=")
-        stream = EvalStream(self.manifest.shard_urls(split), self._reader(), self._decoder("start"),
+        stream = EvalStream(self.manifest.shard_urls(split, max_shards=self.max_shards), self._reader(), self._decoder("start"),
                             batch_size=batch_size, rank=rank, world_size=world_size)
         return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                       what=f"eval loader of {self.root} (rank {rank})")
@@ -488,6 +517,8 @@ def webdataset(
     balanced_max_labels: int | None = None,
     backoff: float = 0.5,
     storage_options: dict[str, Any] | None = None,
+    max_shards: int | None = None,
+    max_member_mb: float = DEFAULT_MAX_MEMBER_BYTES / 2**20,
 ) -> ShardDataset:
     """Tar shards + dataset.json at any fsspec URL, streamed by DataLoader workers.
 
@@ -495,8 +526,10 @@ def webdataset(
     ``eval_split=None`` picks "eval", "val" or "test", whichever exists first. ``balanced``
     turns on AudioSet-style balanced sampling (see :class:`BalancedRejection`).
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3).
+    ``max_shards`` caps a split's shard count (default 100 000 or ``CMKD_MAX_SHARDS``);
+    ``max_member_mb`` skips (and counts as "oversize") shard members larger than this.
     """
     return ShardDataset(root, train_split=train_split, eval_split=eval_split, num_workers=num_workers,
                         shuffle_buffer=shuffle_buffer, balanced=balanced, balanced_max_labels=balanced_max_labels,
                         retries=retries, backoff=backoff, on_error=on_error, prefetch_factor=prefetch_factor,
-                        storage_options=storage_options)
+                        storage_options=storage_options, max_shards=max_shards, max_member_mb=max_member_mb)
