@@ -212,17 +212,17 @@ def _ordered_clips(plan: Plan, seed: int) -> list[Clip]:
 
 def load_job(job: tuple[str, int, int, str, bool]) -> tuple[Any, str | None]:
     """Decode one source file to a float32 mono numpy wave; ``(None, why)`` if it cannot be used."""
-    from cmkd.audio.io import AudioError, crop_or_pad, load_audio
+    from cmkd.audio.io import AudioError, crop_or_pad, load_audio, read_window
 
     path, sample_rate, length, crop, pad = job
     try:
-        wave = load_audio(path, sample_rate=sample_rate)
+        # A crop reads only its frames (a seek): a 30-min file costs a clip's memory, not the file's.
+        wave = (load_audio(path, sample_rate=sample_rate) if crop == "none"
+                else read_window(path, sample_rate=sample_rate, length=length, crop=crop, name=path))
     except AudioError as err:
         return None, _reason(str(err), path)
     except OSError as err:
         return None, f"cannot read the file ({type(err).__name__}: {err})"
-    if crop != "none" and wave.shape[0] > length:
-        wave = crop_or_pad(wave, length, mode=crop)
     if pad and wave.shape[0] < length:
         wave = crop_or_pad(wave, length)
     return wave.numpy(), None
