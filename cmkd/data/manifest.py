@@ -236,18 +236,28 @@ def join_url(root: str, name: str) -> str:
 
 def write_bytes_atomic(url: str, payload: bytes, *, storage_options: dict[str, Any] | None = None) -> None:
     """Local: temp file + rename so readers never see half a file. Object stores: one put is atomic."""
+    from cmkd import storage
+
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if _is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise storage.failure(url, "write", err) from err
     else:
-        with fsspec.open(url, "wb", **(storage_options or {})) as f:
-            f.write(payload)
+        def put() -> None:
+            with fsspec.open(url, "wb", **(storage_options or {})) as f:
+                f.write(payload)
+
+        storage.retrying(url, "write", put)  # retried like shard reads
 
 
 def _is_local(fs: Any) -> bool:

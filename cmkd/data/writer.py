@@ -19,6 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from cmkd import storage
 from cmkd.audio.io import resample, to_mono
 from cmkd.data.manifest import (
     MANIFEST_NAME,
@@ -202,18 +203,24 @@ class _OpenShard:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         self.local_path: str | None = None
         self.tmp_path: str | None = None
-        if _is_local(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.local_path, self.tmp_path = path, f"{path}.tmp-{os.getpid()}"
-            self.fh: BinaryIO = open(self.tmp_path, "wb")
-        else:
-            self.fh = fsspec.open(url, "wb", **storage_options).open()
-        self.tar = tarfile.open(fileobj=self.fh, mode="w|", format=tarfile.USTAR_FORMAT)
+        try:
+            if _is_local(fs):
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.local_path, self.tmp_path = path, f"{path}.tmp-{os.getpid()}"
+                self.fh: BinaryIO = open(self.tmp_path, "wb")
+            else:
+                self.fh = fsspec.open(url, "wb", **storage_options).open()
+            self.tar = tarfile.open(fileobj=self.fh, mode="w|", format=tarfile.USTAR_FORMAT)
+        except (OSError, *storage.transient_errors()) as err:
+            raise storage.failure(url, "write the shard", err) from err
 
     def add(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(payload), 0o444, 0  # fixed metadata: reproducible shards
-        self.tar.addfile(info, io.BytesIO(payload))
+        try:
+            self.tar.addfile(info, io.BytesIO(payload))
+        except (OSError, *storage.transient_errors()) as err:  # a full disk, a store gone mid-upload
+            raise storage.failure(self.url, "write the shard", err) from err
         self.bytes += _member_size(len(payload))
         if name.endswith(".json"):
             self.count += 1
@@ -225,10 +232,10 @@ class _OpenShard:
                 self.fh.flush()
                 os.fsync(self.fh.fileno())
             self.fh.close()
-        except OSError as err:
-            raise OSError(f"{self.url}: could not finish writing the shard ({err}); check space and permissions, then rerun") from err
-        if self.tmp_path is not None and self.local_path is not None:
-            os.replace(self.tmp_path, self.local_path)
+            if self.tmp_path is not None and self.local_path is not None:
+                os.replace(self.tmp_path, self.local_path)
+        except (OSError, *storage.transient_errors()) as err:
+            raise storage.failure(self.url, "finish writing the shard", err) from err
 
     def abort(self) -> None:
         try:
