@@ -88,8 +88,11 @@ def failure(url: str, action: str, err: BaseException) -> StorageError:
     return StorageError(f"{url}: could not {action} ({what}); {todo}")
 
 
-def retrying(url: str, action: str, op: Callable[[], T]) -> T:
-    """Run an object-store operation, retrying transient failures with exponential backoff."""
+def retrying(url: str, action: str, op: Callable[[], T], *, wrap_all: bool = True) -> T:
+    """Run an object-store operation, retrying transient failures with exponential backoff.
+
+    ``wrap_all=False`` (reads, lookups) lets other OSErrors such as FileNotFoundError through.
+    """
     retries, backoff = _budget()
     transient = transient_errors()
     failures = 0
@@ -105,6 +108,8 @@ def retrying(url: str, action: str, op: Callable[[], T]) -> T:
                           f"retry {failures}/{retries} in {delay:.1f} s", stacklevel=3)
             time.sleep(delay)
         except (OSError, MemoryError) as err:
+            if not wrap_all:
+                raise
             raise failure(url, action, err) from err
 
 
@@ -124,13 +129,19 @@ def local_path(url: str) -> str:
 
 
 def exists(url: str) -> bool:
-    fs, path = url_to_fs(url)
-    return fs.exists(path)
+    def look() -> bool:
+        fs, path = url_to_fs(url)
+        return fs.exists(path)
+
+    return look() if is_local(url) else retrying(url, "look up", look, wrap_all=False)
 
 
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
-        return f.read()
+    def get() -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return get() if is_local(url) else retrying(url, "read", get, wrap_all=False)
 
 
 def read_text(url: str) -> str:

@@ -243,7 +243,10 @@ class _OpenShard:
         except (OSError, ValueError):
             pass
         if self.tmp_path is not None:
-            self.fh.close()
+            try:
+                self.fh.close()  # flushes what is buffered: fails again on a full disk
+            except OSError:
+                pass
             if os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
             return
