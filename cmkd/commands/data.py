@@ -71,7 +71,8 @@ def prepare(
     except MemoryError:
         fail(OUT_OF_MEMORY)
     except KeyboardInterrupt:
-        fail("interrupted: no dataset.json was published at DEST; run the same command again to start over", code=130)
+        fail("interrupted: no new dataset.json was published at DEST (an old dataset there is unchanged); run the "
+             "same command again to start over", code=130)
 
 
 def stats(

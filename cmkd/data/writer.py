@@ -31,6 +31,7 @@ from cmkd.data.manifest import (
     normalize_root,
     shard_pattern,
 )
+from cmkd.data import replace
 from cmkd.data.stats import NormStats
 
 DEFAULT_MAX_COUNT = 1000
@@ -310,13 +311,9 @@ class DatasetWriter:
         self.writers: dict[str, ShardWriter] = {}
         self._closed = False
         self._manifest_out: Manifest | None = None
-        self._remove_stale_manifest()
-
-    def _remove_stale_manifest(self) -> None:
-        # An old dataset.json would describe shards we are about to overwrite.
-        fs, path = fsspec.core.url_to_fs(join_url(self.root, MANIFEST_NAME), **self.storage_options)
-        if fs.exists(path):
-            fs.rm(path)
+        # An old dataset stays readable until ours is published: new shards get names it does not use.
+        replace.remove_stale_temps(self.root, self.storage_options)
+        self._old_names = replace.old_shard_names(self.root, self.storage_options)
 
     def split(self, name: str) -> ShardWriter:
         if self._closed:
@@ -331,6 +328,7 @@ class DatasetWriter:
                 multilabel=m.multilabel,
                 max_count=self.max_count,
                 max_bytes=self.max_bytes,
+                prefix=replace.free_prefix(name, self._old_names),
                 stats=self._stats if name == self.norm_split else None,
                 storage_options=self.storage_options,
             )
@@ -362,6 +360,7 @@ class DatasetWriter:
         )
         manifest.save(self.root, storage_options=self.storage_options)
         self._closed, self._manifest_out = True, manifest
+        replace.retire(self.root, self._old_names, manifest, self.storage_options)
         return manifest
 
     def abort(self) -> None:

@@ -233,10 +233,34 @@ def _reason(message: str, path: str) -> str:
     return message[len(path) + 2:] if message.startswith(path + ": ") else message
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # the processes are the parallelism; threads would oversubscribe the cores
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A decode worker must not outlive `cmkd prepare` (a SIGKILLed parent runs no cleanup)."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1  # the kernel kills us when the thread that started us ends
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took hold
+        os._exit(1)
+
+    def watch() -> None:  # elsewhere (and as a second line of defence): poll the parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cmkd-parent-watch").start()
 
 
 def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
@@ -250,7 +274,8 @@ def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn: forking a process that already ran torch ops can deadlock in its thread pools.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
     try:
         it: Iterable[Any] = iter(jobs)
         window = deque(pool.submit(fn, job) for _, job in zip(range(4 * workers), it))
