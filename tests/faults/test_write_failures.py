@@ -150,3 +150,49 @@ def test_object_store_write_is_retried_through_a_short_outage(s3, monkeypatch):
     assert retried and "s3://cmkd-writes/ckpt/last.pt: write failed" in str(retried[0].message)
     s3fs.S3FileSystem.clear_instance_cache()
     assert s3fs.S3FileSystem().cat("cmkd-writes/ckpt/last.pt") == b"payload"
+
+
+def _vm_peak_of(args: list, env: dict) -> int:
+    """Run ``args`` to the end, polling its VmPeak (virtual memory only grows, so the last read is
+    close to the peak of a short run); returns bytes."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmPeak:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    return peak
+
+
+def test_running_out_of_memory_in_prepare_is_one_error_line(tmp_path):
+    """A real MemoryError: the address space capped (RLIMIT_AS) a little above what preparing a
+    short clip needs, then a 10-minute 48 kHz stereo file kept whole (--crop none)."""
+    import resource
+    import sys
+
+    env = cmkd_env(tmp_path)
+    sr, block = 48000, (0.2 * np.random.default_rng(0).standard_normal((48000, 2))).astype(np.float32)
+    for name, seconds in (("short", 2), ("long", 600)):
+        src = tmp_path / f"src-{name}"
+        src.mkdir()
+        with sf.SoundFile(src / "clip.wav", "w", sr, 2, subtype="PCM_16") as f:
+            for _ in range(seconds):
+                f.write(block)
+        (src / "labels.csv").write_text("file,labels,split\nclip.wav,a,train\n")
+    base = [sys.executable, "-m", "cmkd", "prepare", "folder"]
+    peak = _vm_peak_of([*base, tmp_path / "src-short", tmp_path / "ds-short", "--crop", "none", "--workers", "0"], env)
+    limit = peak + 160 * 2**20  # the long clip needs 230 MB as float32 alone
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([*map(str, base), str(tmp_path / "src-long"), str(tmp_path / "ds-long"), "--crop", "none",
+                           "--workers", "0"], env=env, capture_output=True, text=True, timeout=180, preexec_fn=cap)
+    out = flat(done.stdout + done.stderr)
+    assert done.returncode == 2 and "Traceback" not in out and out.count("error:") == 1, out[-3000:]
+    assert "out of memory (MemoryError)" in out and "--workers" in out
