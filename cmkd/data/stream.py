@@ -116,13 +116,20 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 
 def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-                     skipped: "SkipCounter | None" = None) -> Iterator[dict[str, Any]]:
+                     skipped: "SkipCounter | None" = None, mark_oversize: bool = False) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members by key: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
 
     ``<key>.<ext>`` splits at the last dot, so keys may contain dots (AudioSet-style ids).
     A member larger than ``max_member_bytes`` (its size is in the tar header) is never read:
-    its whole record is dropped and counted in ``skipped`` as kind "oversize".
+    its whole record is dropped and counted in ``skipped`` as kind "oversize" (with
+    ``mark_oversize`` it is yielded as ``{"__key__", "__url__", "__oversize__": message}`` instead).
     """
+    def emit(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if not record.get(_OVERSIZE) or mark_oversize:
+            yield record
+        else:
+            (skipped if skipped is not None else SkipCounter()).record(SampleError(record[_OVERSIZE], "oversize"))
+
     current: dict[str, Any] | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
@@ -133,27 +140,24 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: i
             if not key or "/" in ext:
                 key, ext = name, ""
             if current is not None and current["__key__"] != key:
-                if not current.get(_OVERSIZE):
-                    yield current  # before reading on: a shard cut short inside the next member keeps this one
+                yield from emit(current)  # before reading on: a shard cut short inside the next member keeps this one
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
             if member.size > max_member_bytes:
                 # Not extracted: the stream skips the body in small blocks when it moves on.
-                if not current.get(_OVERSIZE):
-                    current[_OVERSIZE] = True
-                    (skipped if skipped is not None else SkipCounter()).record(SampleError(
-                        f"{url} key {key!r}: member {name!r} is {member.size / 2**20:.0f} MB, above the "
-                        f"{max_member_bytes / 2**20:g} MB limit; the sample is skipped (raise "
-                        f"datasets.webdataset.max_member_mb if it is real)", "oversize"))
+                current.setdefault(_OVERSIZE, (
+                    f"{url} key {key!r}: member {name!r} is {member.size / 2**20:.0f} MB, above the "
+                    f"{max_member_bytes / 2**20:g} MB limit; the sample is skipped (raise "
+                    f"datasets.webdataset.max_member_mb if it is real)"))
                 continue
             if current.get(_OVERSIZE):
                 continue
             handle = tar.extractfile(member)
             payload = handle.read() if handle is not None else b""
             current[ext.lower()] = payload
-    if current is not None and not current.get(_OVERSIZE):
-        yield current
+    if current is not None:
+        yield from emit(current)
 
 
 def iter_shard(
@@ -182,11 +186,13 @@ def iter_shard(
         index = 0
         try:
             with open_(url) as fh:
-                # Oversize members are counted once, on the first pass, not again after a reopen.
-                for record in iter_tar_records(fh, url, max_member_bytes=max_member_bytes,
-                                               skipped=skipped if done == 0 and failures == 0 else None):
-                    if index >= done:
-                        yield record
+                for record in iter_tar_records(fh, url, max_member_bytes=max_member_bytes, mark_oversize=True):
+                    if index >= done:  # oversize records count here too: a reopen skips them like the rest
+                        if _OVERSIZE in record:
+                            (skipped if skipped is not None else SkipCounter()).record(
+                                SampleError(record[_OVERSIZE], "oversize"))
+                        else:
+                            yield record
                         done += 1
                         failures = 0
                         last_key = record["__key__"]
@@ -235,14 +241,16 @@ class SkipCounter(Counter):
 
     Kinds: "audio" (undecodable), "empty" (0 frames), "nan" (NaN/Inf samples), "incomplete"
     (no .json or no audio member), "metadata" (bad JSON), "label" (unknown label), "shard"
-    (truncated/corrupt tar: the rest of the shard). It also counts ``RETRY``: storage reads
+    (truncated/corrupt tar: the rest of the shard), "oversize" (a member above the size cap,
+    skipped unread whatever ``on_error`` says). It also counts ``RETRY``: storage reads
     retried after a transient error (nothing skipped). A DataLoader worker counts in its own
     copy; the training stream carries each batch's new counts in ``batch["skipped"]``.
     """
 
     def record(self, err: SampleError) -> None:
         if not any(kind != RETRY for kind in self):
-            warnings.warn(f"skipping unusable samples (on_error='skip'); first: {err}", stacklevel=3)
+            why = "oversize shard members are always skipped" if err.kind == "oversize" else "on_error='skip'"
+            warnings.warn(f"skipping unusable samples ({why}); first: {err}", stacklevel=3)
         self[err.kind] += 1
 
 
