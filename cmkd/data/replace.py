@@ -16,6 +16,7 @@ from typing import Any
 
 import fsspec
 
+from cmkd import storage
 from cmkd.data.manifest import MANIFEST_NAME, Manifest, ManifestError, _is_local, brace_expand, join_url
 
 _TEMP = re.compile(r"\.tmp-(\d+)$")
@@ -55,7 +56,7 @@ def old_shard_names(root: str, storage_options: dict[str, Any] | None = None) ->
     """The shard names the dataset.json now at ``root`` references (empty if none or unreadable)."""
     try:
         old = Manifest.load(root, storage_options=storage_options)
-    except (ManifestError, OSError):
+    except (ManifestError, OSError, *storage.transient_errors()):
         return set()
     names: set[str] = set()
     for split in old.splits.values():
@@ -90,7 +91,7 @@ def retire(root: str, old: set[str], new: Manifest, storage_options: dict[str, A
             if fs.exists(path):
                 fs.rm(path)
                 removed.append(name)
-        except OSError as err:  # the new dataset is complete; an old file left over is only clutter
+        except (OSError, *storage.transient_errors()) as err:  # the new dataset is complete; a leftover is clutter
             warnings.warn(f"{join_url(root, name)}: could not delete this old shard ({err}); delete it by hand",
                           stacklevel=2)
     return removed
