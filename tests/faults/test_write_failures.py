@@ -196,3 +196,27 @@ def test_running_out_of_memory_in_prepare_is_one_error_line(tmp_path):
     out = flat(done.stdout + done.stderr)
     assert done.returncode == 2 and "Traceback" not in out and out.count("error:") == 1, out[-3000:]
     assert "out of memory (MemoryError)" in out and "--workers" in out
+
+
+def test_prepare_to_a_store_gone_mid_run_is_one_error_line(tmp_path, s3):
+    import s3fs
+
+    st, env = s3
+    _noise_folder(tmp_path / "src", clips=80, seconds=0.5)
+    fs = s3fs.S3FileSystem()
+
+    def kill_after_first_shard() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not fs.exists("cmkd-writes/ds/train-000000.tar"):
+            time.sleep(0.02)
+            fs.invalidate_cache()
+        st.kill()
+
+    killer = threading.Thread(target=kill_after_first_shard, daemon=True)
+    killer.start()
+    result = run_cmkd(["prepare", "folder", tmp_path / "src", "s3://cmkd-writes/ds", "--workers", "0",
+                       "--clip-seconds", "0.5", "--shard-max-count", "2"],
+                      env=cmkd_env(tmp_path, CMKD_WRITE_RETRIES="1", CMKD_WRITE_BACKOFF="0.05", **env), timeout=180)
+    killer.join(timeout=10)
+    assert not st.up
+    _one_error(result, "s3://cmkd-writes/ds/", ".tar: could not", "the storage is unreachable")
