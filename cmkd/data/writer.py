@@ -22,7 +22,6 @@ import torch
 from cmkd import storage
 from cmkd.audio.io import resample, to_mono
 from cmkd.data.manifest import (
-    MANIFEST_NAME,
     Manifest,
     Norm,
     Split,
