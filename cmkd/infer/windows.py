@@ -40,7 +40,9 @@ class FileResult:
 class _Pending:
     result: FileResult
     starts: list[int] = field(default_factory=list)
-    chunks: list[np.ndarray] = field(default_factory=list)
+    # One array per file, filled row by row: many small per-batch arrays kept alive between the
+    # large temporaries of window reads fragment the heap (+60 MB per 30 min of audio, measured).
+    outputs: np.ndarray | None = None
     done: int = 0  # windows scored so far
 
     @property
@@ -108,7 +110,9 @@ def score_files(
         with torch.inference_mode():
             out = fn(waves).float().cpu().numpy()
         for row, (p, _) in zip(out, batch):
-            p.chunks.append(row[None])
+            if p.outputs is None:
+                p.outputs = np.empty((len(p.starts), *row.shape), dtype=row.dtype)
+            p.outputs[p.done] = row
             p.done += 1
         batch.clear()
 
@@ -116,7 +120,7 @@ def score_files(
         while queue and queue[0].finished:
             p = queue.popleft()
             if p.result.error is None:
-                p.result.outputs = np.concatenate(p.chunks)
+                p.result.outputs = p.outputs
             yield p.result
 
     columns = (TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

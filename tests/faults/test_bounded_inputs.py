@@ -213,10 +213,10 @@ print(json.dumps({'windows': r.windows, 'duration': r.duration_s, 'error': r.err
 
 def test_predict_windows_stream_a_long_file(tmp_path):
     decoded = _long_wav(tmp_path / "long.wav", minutes=10)
-    _long_wav(tmp_path / "short.wav", minutes=0.1)
+    _long_wav(tmp_path / "short.wav", minutes=0.5)  # several full batches: every code path warmed up
     done = subprocess.run([sys.executable, "-c", SCORE, str(tmp_path)], capture_output=True, text=True, timeout=180,
                           env=cmkd_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["error"] is None and got["windows"] == 600 and abs(got["duration"] - 600) < 1e-6, got
-    assert got["grew"] < decoded / 8, f"scoring a 10-min file grew the peak RSS by {got['grew'] / 2**20:.0f} MiB"
+    assert got["grew"] < 24 * 2**20, f"scoring a 10-min file grew the peak RSS by {got['grew'] / 2**20:.0f} MiB"
