@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml plugins/cmkd-crnn/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,cloud,export]' -e plugins/cmkd-crnn
+	$(PY) -m pip install -q -e '.[test,cloud,export,hf]' -e plugins/cmkd-crnn
 	touch $(STAMP)
 
 clean-runs:

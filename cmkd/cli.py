@@ -51,6 +51,8 @@ def run(
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="processes (GPUs) on this machine; >1 launches DDP"),
     resume: bool = typer.Option(False, "--resume", help="continue stages that stopped part-way from their last checkpoint"),
     max_restarts: int = typer.Option(0, "--max-restarts", help="restart all processes this often after a failure (torch elastic); restarts resume"),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="with --resume: go on with settings that differ from last.pt's (recorded in the checkpoint and summary)"),
+    force_unlock: bool = typer.Option(False, "--force-unlock", help="take a stage folder's lock held by another (dead) run"),
 ) -> None:
     """Run an experiment: every stage in order (a finished stage is reused), then compare them."""
     if (nproc_per_node > 1 or max_restarts > 0) and "LOCAL_RANK" not in os.environ:
@@ -68,11 +70,14 @@ def run(
         env = distributed.init(device)
         try:
             # @record: under torchrun, the agent's failure report shows this rank's traceback.
-            distributed.record(run_experiment)(run_dir, text, env, resume=resume)
+            distributed.record(run_experiment)(run_dir, text, env, resume=resume,
+                                               allow_config_change=allow_config_change, force_unlock=force_unlock)
         finally:
             distributed.shutdown()
     except _user_errors() as err:
-        fail(_message(err))
+        from rich.markup import escape  # config values in the message hold brackets ([...], [@...])
+
+        fail(escape(_message(err)))
     except MemoryError:
         fail(OUT_OF_MEMORY)
 

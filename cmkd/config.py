@@ -8,15 +8,12 @@ import inspect
 import logging
 import os
 import re
-import sys
 import tokenize
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import gin
-from gin import config_parser
 
-from cmkd.components import plugin_modules
 from cmkd.registry import REGISTRIES
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
@@ -31,7 +28,8 @@ class ImportNotAllowed(ConfigError):
     """A saved config (in a checkpoint or a run folder) imports a module the user did not name."""
 
 
-# Modules a saved config may import besides those already imported and the plugins' (comma-separated).
+# Modules a saved config may import besides the plugins' and the user's gin files' (comma-separated);
+# never enough for dynamic registration or a configurable outside cmkd and its plugins (saved_config.py).
 ALLOW_IMPORT_ENV = "CMKD_ALLOW_IMPORT"
 
 
@@ -97,6 +95,10 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
             gin.parse_config(binding)
         except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as err:
             raise ConfigError(f"in --bind {binding!r}: {_suggest_parameter(_explain(err))}") from None
+    from cmkd import saved_config
+
+    # Modules the user's gin files named: checkpoints this process wrote may import them again.
+    saved_config.user_imports.update(st.module for st in gin.config._IMPORTS)  # noqa: SLF001
     return gin.config_str()
 
 
@@ -181,62 +183,17 @@ def known_selectors() -> list[str]:
     return names + ["classifier", "frontend", "train", "experiment"]
 
 
-class _Inert(config_parser.ParserDelegate):
-    """Reads a config's statements without resolving references (and without importing)."""
-
-    def configurable_reference(self, scoped_configurable_name: str, evaluate: bool) -> None:
-        return None
-
-    def macro(self, macro_name: str) -> None:
-        return None
-
-
-def _allowed_by_user() -> list[str]:
-    return [m for m in re.split(r"[,\s]+", os.environ.get(ALLOW_IMPORT_ENV, "")) if m]
-
-
-def check_saved_imports(config_text: str, source: str = "a saved gin config") -> None:
-    """Refuse a saved config that would import a module the user never named.
-
-    A checkpoint's config keeps the run's ``import`` lines; parsing it would run those modules.
-    Allowed: modules already imported in this process (the user's own gin files' imports, cmkd,
-    loaded plugins: importing them again runs nothing), the modules (and submodules) of installed
-    ``cmkd.plugins`` entry points, and those listed in ``$CMKD_ALLOW_IMPORT``. A saved config
-    never has ``include`` lines (gin writes the merged config); one that does is refused too.
-    """
-    try:
-        statements = list(config_parser.ConfigParser(config_text, _Inert()))
-    except SyntaxError as err:  # parsing it for real would run the imports before the bad line
-        raise ConfigError(f"{source}: its saved gin config does not parse ({err}); it was not written by cmkd "
-                          f"or was edited") from None
-    trusted = plugin_modules() + _allowed_by_user()
-    for st in statements:
-        if isinstance(st, config_parser.IncludeStatement):
-            raise ImportNotAllowed(
-                f"{source}: its saved gin config includes {st.filename!r} (line {st.location.line_num}); cmkd writes "
-                f"saved configs without includes, so this one was edited — cmkd does not follow it")
-        if not isinstance(st, config_parser.ImportStatement) or st.module.startswith("__gin__."):
-            continue
-        name = st.module
-        if name in sys.modules or any(name == t or name.startswith(t + ".") for t in trusted):
-            continue
-        raise ImportNotAllowed(
-            f"{source}: its saved gin config imports module {name!r} (line {st.location.line_num}: "
-            f"{st.format()!r}), which you did not name, so cmkd does not import it (a checkpoint is data; importing "
-            f"would run that module's code). If you trust it: set {ALLOW_IMPORT_ENV}={name} (comma-separated for "
-            f"several), or `import {name}` in your own gin file, or install it as a cmkd plugin "
-            f"(entry point group 'cmkd.plugins')")
-
-
 @contextlib.contextmanager
 def isolated(config_text: str, scope: str | None = None, source: str = "a saved gin config") -> Iterator[None]:
     """Parse ``config_text`` into a fresh gin state for the block, then restore the caller's.
 
     Lets one process rebuild a model from a checkpoint's own config (a teacher, an ensemble
     member) while another experiment's config is active. The config is someone else's data:
-    its ``import`` lines must pass :func:`check_saved_imports` (``source`` names it in errors).
+    it must pass :func:`cmkd.saved_config.check` (``source`` names it in errors).
     """
-    check_saved_imports(config_text, source)
+    from cmkd import saved_config  # late: it imports this module's errors
+
+    saved_config.check(config_text, source)
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
     saved = (
         {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001

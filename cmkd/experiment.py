@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import gin
 
-from cmkd import storage
+from cmkd import saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
 from cmkd.train import checkpoint, distributed
+from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.progress import console, out, table
 
@@ -37,8 +39,8 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return summary if summary.get("finished") else None
 
 
-def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
-                   resume: bool = False) -> dict[str, dict[str, Any]]:
+def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv, resume: bool = False,
+                   allow_config_change: bool = False, force_unlock: bool = False) -> dict[str, dict[str, Any]]:
     """Run (or reuse) every stage, then print the stages side by side.
 
     A stage that stopped part-way (it has checkpoints but no finished summary) is continued
@@ -51,6 +53,14 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
             f"every checkpoint. Remove it from the gin files and --bind, and let fsspec take credentials from "
             f"the environment or its own config (docs/distributed.md, 'Run folders in buckets')"
         )
+    # Secrets bound in gin are used by this process but never saved (config.gin, checkpoints).
+    config_text, redacted = saved_config.redact(config_text)
+    if redacted and env.is_main:
+        console.print(
+            f"[yellow]warning:[/] {', '.join(redacted)} hold credentials; they are used by this run but saved as "
+            f"'<redacted>' in config.gin and the checkpoints, so a --resume or a later stage needs them bound again. "
+            f"Give credentials through the environment instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            f"AWS_SESSION_TOKEN for s3fs, or fsspec's own config)", highlight=False)
     exp = Experiment()
     if not exp.stages:
         raise ValueError("experiment.stages is empty; list at least one stage, e.g. ['teacher', 'student']")
@@ -62,6 +72,10 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
                 f"nor a checkpoint path ending in .pt"
             )
         url = checkpoint.stage_checkpoint(stage_dir(runs_root, exp.name, ref), which)
+        if not storage.exists(url) and finished_summary(stage_dir(runs_root, exp.name, ref)) is not None:
+            raise checkpoint.CheckpointError(
+                f"stage {ref!r} is marked finished but has no {which} checkpoint at {url} (deleted, or written by a cmkd "
+                f"that could lose it); delete {stage_dir(runs_root, exp.name, ref)} so {ref!r} is trained again")
         if not storage.exists(url):
             raise checkpoint.CheckpointError(
                 f"stage {ref!r} has no {which} checkpoint at {url}; list {ref!r} before this stage in "
@@ -88,25 +102,55 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv,
                 warn_if_settings_changed(directory, config_text, stage)
             summaries[stage] = done
             continue
-        # previous.pt alone: killed between resume.save's rename of last.pt and the new write.
-        partial = distributed.broadcast_object(env, next(
-            (name for name in ("last.pt", "previous.pt")
-             if storage.exists(storage.join(directory, "checkpoints", name))), None) if env.is_main else None)
-        if partial and not resume:
-            raise checkpoint.CheckpointError(
-                f"stage {exp.name}/{stage} stopped part-way ({directory}/checkpoints/{partial} exists); "
-                f"pass --resume to continue it, or delete {directory} to start it over"
-            )
-        if env.is_main:
-            storage.makedirs(directory)
-            storage.write_text(storage.join(directory, "config.gin"), config_text)
-        ctx = StageContext(exp.name, stage, directory, config_text, env, resolve_teacher, resume=resume)
-        with gin.config_scope(stage):
-            summaries[stage] = train(ctx)
+        with _locked(env, directory, force_unlock):
+            summaries[stage] = _run_stage(exp, stage, directory, config_text, env, resolve_teacher, resume,
+                                          allow_config_change)
     if env.is_main:
         out.print(comparison_table(exp.name, summaries))
         write_run_report(storage.join(runs_root, exp.name), env.device)
     return summaries
+
+
+@contextlib.contextmanager
+def _locked(env: distributed.DistEnv, directory: str, force: bool) -> Iterator[None]:
+    """Rank 0 takes the stage folder's lock; every rank learns whether it did (no rank may go on alone)."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if env.is_main:
+            try:
+                stack.enter_context(stage_lock(directory, force=force))
+            except StageLocked as err:
+                refused = str(err)
+        refused = distributed.broadcast_object(env, refused)
+        if refused:
+            raise StageLocked(refused)
+        yield
+
+
+def _run_stage(exp: Experiment, stage: str, directory: str, config_text: str, env: distributed.DistEnv,
+               resolve_teacher: Any, resume: bool, allow_config_change: bool) -> dict[str, Any]:
+    """Train one stage whose folder this run holds (or reuse it, if another run finished it meanwhile)."""
+    done = distributed.broadcast_object(env, finished_summary(directory) if env.is_main else None)
+    if done is not None:  # another run held the lock and finished the stage meanwhile
+        if env.is_main:
+            console.print(f"[green]reusing finished stage[/] {exp.name}/{stage} ({directory})")
+        return done
+    # previous.pt alone: killed between resume.save's rename of last.pt and the new write.
+    partial = distributed.broadcast_object(env, next(
+        (name for name in ("last.pt", "previous.pt")
+         if storage.exists(storage.join(directory, "checkpoints", name))), None) if env.is_main else None)
+    if partial and not resume:
+        raise checkpoint.CheckpointError(
+            f"stage {exp.name}/{stage} stopped part-way ({directory}/checkpoints/{partial} exists); "
+            f"pass --resume to continue it, or delete {directory} to start it over"
+        )
+    if env.is_main and not partial:  # a resumed stage's config.gin changes only once its config is accepted
+        storage.makedirs(directory)
+        storage.write_text(storage.join(directory, "config.gin"), config_text)
+    ctx = StageContext(exp.name, stage, directory, config_text, env, resolve_teacher, resume=resume,
+                       allow_config_change=allow_config_change)
+    with gin.config_scope(stage):
+        return train(ctx)
 
 
 def warn_if_settings_changed(directory: str, config_text: str, stage: str, shown: int = 8) -> None:

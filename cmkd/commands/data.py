@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-RECIPE_HELP = "esc50, fsd50k, audioset or folder"
+RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -48,15 +48,30 @@ def prepare(
     labels: Optional[str] = typer.Option(None, help="audioset: class_labels_indices.csv (default: SRC/class_labels_indices.csv)"),
     clip_pattern: Optional[str] = typer.Option(None, help="audioset: clip file name without extension, from {ytid} {start_s} {end_s} {start_ms} ... (default '{ytid}')"),
     csv: Optional[str] = typer.Option(None, help="folder: the CSV file,labels[,split] (default SRC/labels.csv)"),
-    classes: Optional[str] = typer.Option(None, help="folder: a text file with one class per line (default: the labels present)"),
+    classes: Optional[str] = typer.Option(None, help="folder, webdataset: a text file with one class per line (folder default: the labels present)"),
     multilabel: Optional[bool] = typer.Option(None, "--multilabel", help="folder: clips may carry several labels (sigmoid + BCE)", show_default=False),
     eval_fraction: Optional[float] = typer.Option(None, help="folder without a split column: share of each class for 'eval' (default 0.1)"),
+    infer_classes: bool = typer.Option(False, "--infer-classes", help="webdataset: the classes are the sorted label names found (ids: '0'..'N-1')"),
+    audio_field: Optional[str] = typer.Option(None, help="webdataset: the audio field, e.g. flac or audio.flac (default: any audio field)"),
+    label_field: Optional[str] = typer.Option(None, help="webdataset: the label field, e.g. cls, txt, json, meta.json (default: json, cls, txt)"),
+    label_key: str = typer.Option("labels", help="webdataset: key path of the labels in a json field: labels, tags, label.names"),
+    split: List[str] = typer.Option([], "--split", help="webdataset: NAME=PATTERN, a brace pattern relative to SRC (repeatable)"),
+    norm_clips: int = typer.Option(200, help="webdataset: clips decoded for the normalization statistics"),
+    on_error: str = typer.Option("raise", help="webdataset: 'skip' leaves out (and lists) unusable members instead of stopping"),
 ) -> None:
     """Decode a dataset release and write it as FLAC tar shards + dataset.json (with norm stats)."""
     from cmkd.cli import fail
     from cmkd.data.recipes import PrepareOptions
     from cmkd.data.recipes import prepare as run_prepare
 
+    if recipe == "webdataset":
+        _adopt(src, dest, locals())
+        return
+    wds_only = dict(infer_classes=infer_classes, audio_field=audio_field, label_field=label_field, split=split,
+                    label_key=label_key != "labels", norm_clips=norm_clips != 200, on_error=on_error != "raise")
+    if any(wds_only.values()):
+        fail(f"{', '.join('--' + k.replace('_', '-') for k, v in wds_only.items() if v)}: only the webdataset recipe "
+             f"takes these; drop them for {recipe}")
     given = dict(allow_missing=allow_missing, esc10=esc10, balanced=balanced, unbalanced=unbalanced, eval=eval_csv,
                  labels=labels, clip_pattern=clip_pattern, csv=csv, classes=classes, multilabel=multilabel,
                  eval_fraction=eval_fraction)
@@ -73,6 +88,33 @@ def prepare(
     except KeyboardInterrupt:
         fail("interrupted: no new dataset.json was published at DEST (an old dataset there is unchanged); run the "
              "same command again to start over", code=130)
+
+
+def _adopt(src: str, dest: str, given: dict) -> None:
+    """`cmkd prepare webdataset`: a dataset.json for existing shards (cmkd/data/recipes/webdataset.py)."""
+    from cmkd.cli import fail
+    from cmkd.data.recipes.webdataset import AdoptOptions, adopt
+
+    other = [k for k in ("allow_missing", "esc10", "balanced", "unbalanced", "eval_csv", "labels", "clip_pattern",
+                         "csv", "eval_fraction", "workers") if given[k] is not None]
+    other += [k for k, default in (("crop", "start"), ("pad", False), ("shard_max_count", 1000),
+                                   ("shard_max_mb", 512.0), ("seed", 0)) if given[k] != default]
+    if other:
+        fail(f"{', '.join('--' + k.replace('_', '-') for k in other)}: the webdataset recipe does not take these "
+             f"(it rewrites no audio)")
+    options = AdoptOptions(classes=given["classes"], infer_classes=given["infer_classes"],
+                           audio_field=given["audio_field"], label_field=given["label_field"],
+                           label_key=given["label_key"], splits=list(given["split"]),
+                           multilabel=True if given["multilabel"] else None, sample_rate=given["sample_rate"],
+                           clip_seconds=given["clip_seconds"] or 10.0, name=given["name"],
+                           norm_splits=list(given["norm_split"]) or None, norm_clips=given["norm_clips"],
+                           on_error=given["on_error"], overwrite=given["overwrite"])
+    try:
+        adopt(src, dest, options)
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted: no dataset.json was written at DEST; run the same command again", code=130)
 
 
 def stats(

@@ -226,7 +226,7 @@ def embed(
 
 def export(
     checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
-    fmt: str = typer.Option(..., "--format", "-f", help="onnx or torchscript"),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, or hf (a transformers folder for ASTs, timm for CNNs)"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="file to write (default: next to the checkpoint)"),
     clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help="input length in seconds (default: the model's clip length)"),
     overwrite: bool = typer.Option(False, help="replace an existing file"),
@@ -240,6 +240,18 @@ def export(
     from cmkd.train.progress import console
 
     components.load_all()
+    if fmt == "hf":  # a folder, not a traced graph: docs/pretrained.md
+        from cmkd.infer.export_hf import export_folder, summary
+
+        try:
+            url = resolve_checkpoint(checkpoint)
+            if output is None:
+                raise X.InferError("--format hf writes a folder; name it with -o DIR")
+            console.print(summary(export_folder(open_model(url, torch.device("cpu")), output, overwrite)),
+                          markup=False, highlight=False)
+        except _errors() as err:
+            fail(str(err))
+        return
     try:
         if fmt not in X.FORMATS:
             raise X.InferError(f"--format {fmt!r}: use one of {', '.join(X.FORMATS)}")

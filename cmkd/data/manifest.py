@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import fsspec
 
+from cmkd.data.members import FORMAT_VERSION, FORMAT_VERSIONS
 from cmkd.data.shardlist import DEFAULT_MAX_SHARDS  # noqa: F401 (re-exported)
 from cmkd.data.shardlist import PatternError, ShardUrls, check_pattern, parse
 
@@ -53,6 +54,12 @@ class Manifest:
     splits: dict[str, Split]
     norm: Norm | None = None
     label_counts: dict[str, list[int]] | None = None
+    # Member-name convention of the shards (cmkd/data/members.py); 1 = before WebDataset's first-dot rule.
+    format_version: int = FORMAT_VERSION
+    # Adopted shards (`cmkd prepare webdataset`): {"audio": field, "label": field, "label_key": path}.
+    fields: dict[str, str] | None = None
+    # Adopted shards kept elsewhere: the URL the split patterns are relative to (default: the root).
+    base: str | None = None
     root: str | None = field(default=None, compare=False)  # set by load/save, not stored
 
     def __post_init__(self) -> None:
@@ -72,12 +79,13 @@ class Manifest:
         return int(round(self.clip_seconds * self.sample_rate))
 
     def shard_urls(self, split: str, root: str | None = None, *, max_shards: int | None = None) -> Sequence[str]:
-        """Absolute shard URLs of ``split`` under ``root`` (default: where it was loaded from).
+        """Absolute shard URLs of ``split`` under ``root`` (default: ``base`` if set, else where it
+        was loaded from).
 
         A lazy sequence (names are built when indexed); more than ``max_shards`` (default
         :data:`DEFAULT_MAX_SHARDS`, or ``CMKD_MAX_SHARDS``) is refused with a ManifestError.
         """
-        base = root if root is not None else self.root
+        base = root if root is not None else (self.base or self.root)
         if base is None:
             raise ManifestError(
                 f"manifest {self.name!r}: shard_urls({split!r}) needs a root; pass root= or use Manifest.load(url)"
@@ -87,7 +95,7 @@ class Manifest:
                 f"manifest {self.name!r} at {base}: no split {split!r}; it has {sorted(self.splits)}. "
                 f"Pick one of those or re-run `cmkd prepare` with that split"
             )
-        where = join_url(base, MANIFEST_NAME)
+        where = join_url(self.root, MANIFEST_NAME) if self.root else base
         try:
             return ShardUrls(base, self.splits[split].shards, max_shards=max_shards, where=f"{where} split {split!r}")
         except PatternError as err:
@@ -134,6 +142,13 @@ class Manifest:
                 raise bad("norm", "must be {mean: number, std: number}")
             if not math.isfinite(self.norm.mean) or not math.isfinite(self.norm.std) or self.norm.std <= 0:
                 raise bad("norm", f"needs a finite mean and a positive std, got {self.norm}")
+        if self.format_version not in FORMAT_VERSIONS:
+            raise bad("format_version", f"is {self.format_version!r}; this cmkd reads {FORMAT_VERSIONS} (upgrade cmkd)")
+        if self.fields is not None and (not isinstance(self.fields, dict) or set(self.fields) - {"audio", "label", "label_key"}
+                                        or not all(isinstance(v, str) and v for v in self.fields.values())):
+            raise bad("fields", f"must map audio/label/label_key to field names, got {self.fields!r}")
+        if self.base is not None and (not isinstance(self.base, str) or not self.base):
+            raise bad("base", f"must be the URL of the shards' folder, got {self.base!r}")
         for split_name, counts in (self.label_counts or {}).items():
             if split_name not in self.splits:
                 raise bad(f"label_counts.{split_name}", f"names a split that is not in splits {sorted(self.splits)}")
@@ -155,6 +170,10 @@ class Manifest:
         }
         if self.label_counts is not None:
             out["label_counts"] = {k: list(v) for k, v in self.label_counts.items()}
+        out["format_version"] = self.format_version
+        for key in ("fields", "base"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -185,6 +204,8 @@ class Manifest:
         manifest.name, manifest.classes, manifest.multilabel = data["name"], data["classes"], data["multilabel"]
         manifest.sample_rate, manifest.clip_seconds = data["sample_rate"], data["clip_seconds"]
         manifest.splits, manifest.norm, manifest.label_counts = splits, norm, data.get("label_counts")
+        manifest.format_version = data.get("format_version", 1)  # written before the field existed: version 1
+        manifest.fields, manifest.base = data.get("fields"), data.get("base")
         manifest.root = None
         manifest.validate(where)
         return manifest

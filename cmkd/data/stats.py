@@ -117,6 +117,8 @@ def compute_stats(
         class_index=None,
         retries=retries,
         storage_options=storage_options,
+        format_version=manifest.format_version,
+        fields=manifest.fields,
     )
     for sample in samples:
         if max_clips is not None and acc.clips + acc.too_short >= max_clips:

@@ -14,7 +14,6 @@ fsspec's ``FSSPEC_S3_*``) are inherited by worker processes.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import tarfile
@@ -27,12 +26,14 @@ import fsspec
 import torch
 
 from cmkd.audio.io import AudioError, load_audio
+from cmkd.data.labels import LabelProblem, LabelSpec, raw_labels, resolve_labels
 from cmkd.data.manifest import Manifest, ManifestError
+from cmkd.data.members import AUDIO_FIELDS, FORMAT_VERSION, find_audio_field, member_splitter, split_member
 from cmkd.data.shardlist import Chained
 from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
 from cmkd.registry import datasets
 
-AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
+AUDIO_EXTS = AUDIO_FIELDS  # kept for old imports; see cmkd/data/members.py
 ON_ERROR = ("raise", "skip")
 
 # Errors that a reopen can cure: network hiccups, timeouts, a stream cut short.
@@ -77,7 +78,7 @@ class ShardError(RuntimeError):
 
 
 class SampleError(ValueError):
-    """One sample is unusable; ``kind`` is "audio", "label", "metadata" or "incomplete"."""
+    """One sample is unusable; ``kind`` is "audio", "label", "metadata", "incomplete" or "duplicate"."""
 
     def __init__(self, message: str, kind: str = "sample"):
         super().__init__(message)
@@ -115,11 +116,15 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     return fsspec.open(url, "rb", **(storage_options or {})).open()
 
 
-def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-                     skipped: "SkipCounter | None" = None, mark_oversize: bool = False) -> Iterator[dict[str, Any]]:
-    """Group consecutive tar members by key: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
+def iter_tar_records(fileobj: Any, url: str = "<stream>",
+                     split_name: Callable[[str], tuple[str, str]] = split_member, *,
+                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, skipped: "SkipCounter | None" = None,
+                     mark_oversize: bool = False) -> Iterator[dict[str, Any]]:
+    """Group consecutive tar members by key: ``{"__key__", "__url__", "<field>": bytes, ...}``.
 
-    ``<key>.<ext>`` splits at the last dot, so keys may contain dots (AudioSet-style ids).
+    ``split_name`` turns a member name into (key, field): WebDataset's first-dot rule, or the
+    last-dot rule of format-1 shards (cmkd/data/members.py). A key seen earlier in the shard, or
+    a field repeated within a record, marks the record ``__duplicate__`` (the decoder reports it).
     A member larger than ``max_member_bytes`` (its size is in the tar header) is never read:
     its whole record is dropped and counted in ``skipped`` as kind "oversize" (with
     ``mark_oversize`` it is yielded as ``{"__key__", "__url__", "__oversize__": message}`` instead).
@@ -131,23 +136,24 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: i
             (skipped if skipped is not None else SkipCounter()).record(SampleError(record[_OVERSIZE], "oversize"))
 
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            name = member.name
-            key, _, ext = name.rpartition(".")
-            if not key or "/" in ext:
-                key, ext = name, ""
+            key, ext = split_name(member.name)
             if current is not None and current["__key__"] != key:
                 yield from emit(current)  # before reading on: a shard cut short inside the next member keeps this one
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
+                if key in seen:
+                    current["__duplicate__"] = True
+                seen.add(key)
             if member.size > max_member_bytes:
                 # Not extracted: the stream skips the body in small blocks when it moves on.
                 current.setdefault(_OVERSIZE, (
-                    f"{url} key {key!r}: member {name!r} is {member.size / 2**20:.0f} MB, above the "
+                    f"{url} key {key!r}: member {member.name!r} is {member.size / 2**20:.0f} MB, above the "
                     f"{max_member_bytes / 2**20:g} MB limit; the sample is skipped (raise "
                     f"datasets.webdataset.max_member_mb if it is real)"))
                 continue
@@ -155,7 +161,9 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>", *, max_member_bytes: i
                 continue
             handle = tar.extractfile(member)
             payload = handle.read() if handle is not None else b""
-            current[ext.lower()] = payload
+            if ext in current:
+                current["__duplicate__"] = True
+            current[ext] = payload
     if current is not None:
         yield from emit(current)
 
@@ -170,6 +178,7 @@ def iter_shard(
     on_error: str = "raise",
     skipped: "SkipCounter | None" = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    split_name: Callable[[str], tuple[str, str]] = split_member,
 ) -> Iterator[dict[str, Any]]:
     """Records of one shard. A transient read error reopens the shard after an exponential
     backoff (``backoff * 2**k`` s) and skips the records already yielded, so the stream
@@ -186,7 +195,8 @@ def iter_shard(
         index = 0
         try:
             with open_(url) as fh:
-                for record in iter_tar_records(fh, url, max_member_bytes=max_member_bytes, mark_oversize=True):
+                for record in iter_tar_records(fh, url, split_name, max_member_bytes=max_member_bytes,
+                                               mark_oversize=True):
                     if index >= done:  # oversize records count here too: a reopen skips them like the rest
                         if _OVERSIZE in record:
                             (skipped if skipped is not None else SkipCounter()).record(
@@ -273,44 +283,41 @@ class SampleDecoder:
         crop: str = "start",
         on_error: str = "raise",
         skipped: SkipCounter | None = None,
+        fields: dict[str, str] | None = None,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.sample_rate, self.class_index, self.multilabel = sample_rate, class_index, multilabel
+        self.classes = sorted(class_index, key=class_index.__getitem__) if class_index is not None else None
+        # cmkd's own shards: labels in .json; adopted ones: what `cmkd prepare webdataset` recorded.
+        self.audio_field = (fields or {}).get("audio")
+        self.label_spec = LabelSpec((fields or {}).get("label"), (fields or {}).get("label_key", "labels")) \
+            if fields is not None else LabelSpec("json")
         self.length, self.crop, self.on_error = length, crop, on_error
         self.skipped = skipped if skipped is not None else SkipCounter()
 
     def labels(self, record: dict[str, Any]) -> tuple[list[str], list[int]]:
-        """Parse the JSON member; returns label names and their class ids (raises SampleError)."""
+        """Parse the label member; returns label names and their class ids (raises SampleError)."""
         where = f"{record['__url__']} key {record['__key__']!r}"
-        if "json" not in record:
-            raise SampleError(f"{where}: no .json member next to the audio; re-write the shard", "incomplete")
+        if record.get("__duplicate__"):
+            raise SampleError(f"{where}: this key (or one of its fields) appears twice in the shard; keep each "
+                              f"key's members together and unique, then re-write the shard", "duplicate")
         try:
-            meta = json.loads(record["json"])
-        except (ValueError, UnicodeDecodeError) as err:
-            raise SampleError(f"{where}: .json member is not valid JSON ({err}); re-write the shard", "metadata") from None
-        labels = meta.get("labels") if isinstance(meta, dict) else None
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise SampleError(f"{where}: .json needs \"labels\": [class names], got {meta!r:.200}", "metadata")
-        if self.class_index is None:
-            return labels, []
-        unknown = [x for x in labels if x not in self.class_index]
-        if unknown:
-            raise SampleError(
-                f"{where}: unknown label(s) {unknown[:5]} not in dataset.json classes; fix the shard or the class list",
-                "label",
-            )
-        if not self.multilabel and len(labels) != 1:
-            raise SampleError(f"{where}: single-label dataset but the clip has labels {labels!r}", "label")
-        return labels, [self.class_index[x] for x in labels]
+            values = raw_labels(record, self.label_spec, where)
+            if self.class_index is None or self.classes is None:
+                return [str(v) for v in values], []
+            return resolve_labels(values, self.classes, self.class_index, where, self.multilabel)
+        except LabelProblem as err:
+            raise SampleError(f"{err}; re-write the shard" if err.kind == "incomplete" else str(err), err.kind) from None
 
     def decode(self, record: dict[str, Any], parsed: tuple[list[str], list[int]] | None = None,
                generator: torch.Generator | None = None) -> dict[str, Any]:
         labels, ids = parsed if parsed is not None else self.labels(record)
         key, url = record["__key__"], record["__url__"]
-        ext = next((e for e in AUDIO_EXTS if e in record), None)
+        ext = find_audio_field(record, self.audio_field)
         if ext is None:
-            raise SampleError(f"{url} key {key!r}: no audio member (.flac/.wav); re-write the shard", "incomplete")
+            wanted = f".{self.audio_field}" if self.audio_field else ".flac/.wav/.mp3/.ogg/.opus/..."
+            raise SampleError(f"{url} key {key!r}: no audio member ({wanted}); re-write the shard", "incomplete")
         try:
             wave = load_audio(record[ext], sample_rate=self.sample_rate, name=f"{url} key {key!r} (.{ext})",
                               length=self.length, crop=self.crop, generator=generator)
@@ -360,12 +367,15 @@ def iter_samples(
     retries: int = 5,
     backoff: float = 0.5,
     storage_options: dict[str, Any] | None = None,
+    format_version: int = FORMAT_VERSION,
+    fields: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Decoded samples of ``urls`` in shard order (``class_index=None`` skips label checks)."""
+    """Decoded samples of ``urls`` in shard order (``class_index=None`` skips label checks).
+    ``format_version`` and ``fields`` come from the dataset's manifest."""
     decoder = SampleDecoder(sample_rate=sample_rate, class_index=class_index, multilabel=multilabel,
-                            length=length, crop=crop, on_error=on_error, skipped=skipped)
+                            length=length, crop=crop, on_error=on_error, skipped=skipped, fields=fields)
     for record in iter_records(urls, retries=retries, backoff=backoff, storage_options=storage_options,
-                               on_error=on_error, skipped=decoder.skipped):
+                               on_error=on_error, skipped=decoder.skipped, split_name=member_splitter(format_version)):
         sample = decoder(record)
         if sample is not None:
             yield sample
@@ -432,13 +442,14 @@ class ShardDataset:
     def _decoder(self, crop: str) -> SampleDecoder:
         return SampleDecoder(sample_rate=self.sample_rate, class_index=self.manifest.class_index,
                              multilabel=self.multilabel, length=self.clip_samples, crop=crop,
-                             on_error=self.on_error, skipped=self.skipped)
+                             on_error=self.on_error, skipped=self.skipped, fields=self.manifest.fields)
 
     def _reader(self) -> Callable[[str], Iterator[dict[str, Any]]]:
         # A partial (not a lambda) so the stream pickles for spawn-started workers.
         return functools.partial(iter_shard, retries=self.retries, backoff=self.backoff,
                                  storage_options=self.storage_options, on_error=self.on_error, skipped=self.skipped,
-                                 max_member_bytes=self.max_member_bytes)
+                                 max_member_bytes=self.max_member_bytes,
+                                 split_name=member_splitter(self.manifest.format_version))
 
     @property
     def train_samples(self) -> int:

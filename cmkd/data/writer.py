@@ -1,5 +1,8 @@
 """Write a dataset as tar shards (``<key>.flac`` + ``<key>.json``) plus ``dataset.json``.
 
+Member names follow WebDataset (format version 2): a key's dots and percent signs are
+percent-encoded (:func:`cmkd.data.members.safe_key`), so every reader splits them back right.
+
 Any fsspec URL works as the destination. Local shards are written under a temporary name
 and renamed when complete; on object stores one upload is atomic already. ``dataset.json``
 is written last, so a dataset whose preparation died half-way has no manifest and cannot be
@@ -31,6 +34,7 @@ from cmkd.data.manifest import (
     shard_pattern,
 )
 from cmkd.data import replace
+from cmkd.data.members import safe_key
 from cmkd.data.stats import NormStats
 
 DEFAULT_MAX_COUNT = 1000
@@ -110,8 +114,9 @@ class ShardWriter:
             shard = None
         if shard is None:
             shard = self._open = self._start_shard()
-        shard.add(f"{key}.flac", flac)
-        shard.add(f"{key}.json", meta)
+        name = safe_key(key)  # "dog.take.1" → "dog%2Etake%2E1": WebDataset splits at the first dot
+        shard.add(f"{name}.flac", flac)
+        shard.add(f"{name}.json", meta)
         self._keys.add(key)
         self.samples += 1
         for i in label_ids:

@@ -36,6 +36,8 @@ class Split:
     multilabel: bool
     clip_seconds: float
     urls: list[str]
+    format_version: int = 2  # the manifest's member-name convention and adopted fields
+    fields: dict[str, str] | None = None
 
     def batches(self, batch_size: int, sample_rate: int, workers: int = 0) -> Iterable[dict[str, Any]]:
         """``{"key", "wave", "target"}`` batches, decoded (resampled) at ``sample_rate``."""
@@ -59,7 +61,8 @@ class _SplitReader(torch.utils.data.IterableDataset):
         index = {c: i for i, c in enumerate(self.split.classes)}
         length = round(self.split.clip_seconds * self.sample_rate)
         for s in iter_samples(urls, sample_rate=self.sample_rate, class_index=index,
-                              multilabel=self.split.multilabel, length=length):
+                              multilabel=self.split.multilabel, length=length,
+                              format_version=self.split.format_version, fields=self.split.fields):
             yield {"key": s["key"], "wave": s["wave"], "target": s["target"]}
 
 
@@ -77,7 +80,7 @@ def open_split(data: str, split: str | None) -> Split:
     elif split not in manifest.splits:
         raise InferError(f"{data}: no split {split!r}; it has {sorted(manifest.splits)}. Pick one with --split")
     return Split(str(manifest.root), split, list(manifest.classes), bool(manifest.multilabel),
-                 float(manifest.clip_seconds), manifest.shard_urls(split))
+                 float(manifest.clip_seconds), manifest.shard_urls(split), manifest.format_version, manifest.fields)
 
 
 def check_compatible(models: Sequence[LoadedModel], urls: Sequence[str], ds: Any, data: str) -> None:

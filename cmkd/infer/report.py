@@ -228,7 +228,7 @@ def _dataset_from_config(s: Stage) -> Any:
 
     if not s.config:
         raise InferError(f"{s.directory} has no config.gin to find its dataset; pass --data <dataset root>")
-    with config.isolated(s.config, s.name):
+    with config.isolated(s.config, s.name, f"{s.directory}/config.gin"):
         ref = None
         for selector in (f"{s.name}/train.dataset", "train.dataset"):  # scoped binding first, as gin would
             try:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cmkd import storage
+from cmkd import saved_config
 from cmkd.train import checkpoint, distributed
 from cmkd.train.progress import console
 
@@ -167,6 +168,8 @@ def average_checkpoints(urls: Sequence[str], out: str, allow_config_mismatch: bo
     last: dict[str, Any] = {}
     for url in urls:
         ckpt = checkpoint.load(url)
+        # The saved config is copied into the output: refuse one that could run code when loaded.
+        saved_config.check(str(ckpt.get("config", "")), f"checkpoint {url}")
         if not first:
             first = ckpt
         else:

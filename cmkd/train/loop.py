@@ -26,7 +26,9 @@ from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model
 from cmkd.registry import call_with_context, losses, strategies
 from cmkd.train import averaging, checkpoint, distributed
+from cmkd import saved_config
 from cmkd.train import resume as resuming
+from cmkd.train import resume_config
 from cmkd.train.evaluate import autocast, evaluate
 from cmkd.train.metrics import primary_metric
 from cmkd.train.optim import build_optimizer, build_scheduler
@@ -51,6 +53,7 @@ class StageContext:
     env: distributed.DistEnv
     resolve_teacher: Callable[[str, str], str]  # (stage name, best|last|averaged) → checkpoint URL
     resume: bool = False  # continue from checkpoints/last.pt if there is one
+    allow_config_change: bool = False  # --resume may continue with other settings than last.pt's (recorded)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,7 +153,9 @@ def train(
         norm=list(norm) if norm else None,
     )
     pos = resuming.Position()
-    stream_resume = _resume(ckpt_dir, env, model, optimizer, scheduler, gen, pos, ctx.extra) if ctx.resume else {}
+    stream_resume = _resume(ctx, ckpt_dir, model, optimizer, scheduler, gen, pos) if ctx.resume else {}
+    if ctx.extra.get("config_changes"):  # accepted with --allow-config-change: every later checkpoint says so
+        meta["config_changes"] = list(ctx.extra["config_changes"])
     if deterministic:
         torch.use_deterministic_algorithms(True)
     nan_skipped = int(ctx.extra.get("nan_skipped", 0))  # restored by _resume
@@ -203,7 +208,7 @@ def train(
             # one step more or less would wait forever in DDP's gradient all-reduce.
             waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
             batches = _data_guard(loader, lambda err: data_failed(err, epoch), data_skipped)
-            for batch in waits.wrap(itertools.islice(batches, steps_per_epoch - pos.step_in_epoch)):
+            for batch in waits.wrap(itertools.islice(batches, max(0, steps_per_epoch - pos.step_in_epoch))):
                 worker, cursor = batch.pop("stream_state", (None, None))
                 if worker is not None:
                     pos.stream[worker] = cursor
@@ -265,11 +270,13 @@ def train(
             pos.epoch, pos.step_in_epoch, pos.running, pos.seen, pos.stream = epoch + 1, 0, 0.0, 0, {}
             data_skipped.clear()
             averager.add(epoch + 1, model, dict(meta, epoch=epoch + 1, step=pos.step, metrics=record), env)
-            save_state(record)  # after the epoch's weights file: a resumed run never lacks one
+            # best.pt before the training state that records it: a run stopped between the two writes
+            # resumes from the previous state and redoes this epoch, so no state ever names a missing best.pt.
+            if env.is_main and improved:
+                checkpoint.save(storage.join(ckpt_dir, "best.pt"),
+                                dict(meta, model=model.state_dict(), epoch=epoch + 1, step=pos.step, metrics=record))
+            save_state(record)  # after the epoch's weights files: a resumed run never lacks one
             if env.is_main:
-                if improved:
-                    checkpoint.save(storage.join(ckpt_dir, "best.pt"),
-                                    dict(meta, model=model.state_dict(), epoch=epoch + 1, step=pos.step, metrics=record))
                 storage.write_text(storage.join(ctx.stage_dir, "metrics.jsonl"),
                                    "".join(json.dumps(r) + "\n" for r in pos.history))
                 if log_steps:
@@ -290,6 +297,11 @@ def train(
         best=pos.best, last=pos.history[-1] if pos.history else {}, epochs=epochs, seconds=time.perf_counter() - t_start,
         world_size=env.world_size, teachers=teacher_urls,
     )
+    if meta.get("config_changes"):
+        summary["config_changes"] = meta["config_changes"]
+    if env.is_main and pos.best and not storage.exists(storage.join(ckpt_dir, "best.pt")):
+        raise TrainingError(f"stage {ctx.stage!r}: {ckpt_dir}/best.pt is missing although epoch {pos.best.get('epoch')} "
+                            f"was the best; the stage is not marked finished. Delete {ctx.stage_dir} and train it again")
     if averaged is not None:
         summary["averaged"] = averaged
     if env.is_main:
@@ -299,19 +311,41 @@ def train(
     return summary
 
 
-def _resume(ckpt_dir: str, env: distributed.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, gen: torch.Generator, pos: resuming.Position, counters: dict[str, Any]) -> dict[int, str]:
+def _resume(ctx: StageContext, ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, gen: torch.Generator, pos: resuming.Position) -> dict[int, str]:
     """Load the newest training state into the live objects; returns this rank's stream cursors
-    (and puts the skip counters so far into ``counters``)."""
+    (and puts the skip counters and accepted config changes so far into ``ctx.extra``)."""
+    env, counters = ctx.env, ctx.extra
     payload = resuming.load_latest(ckpt_dir)
     if payload is None:
         if env.is_main:
+            storage.write_text(storage.join(ctx.stage_dir, "config.gin"), ctx.config_text)
             console.print(f"[yellow]--resume: no checkpoint in {ckpt_dir} yet; starting the stage from scratch[/]")
         return {}
+    saved = str(payload.get("config", ""))
+    saved_config.check(saved, f"checkpoint {ckpt_dir}/last.pt")  # data, not code (docs/reliability.md)
+    notes, changes = resume_config.check_resume(saved, ctx.config_text, ctx.stage, ctx.stage_dir,
+                                                ctx.allow_config_change, int(payload["step_in_epoch"]))
+    counters["config_changes"] = resume_config.record(payload) + changes
+    if env.is_main:  # accepted: config.gin now says what the run goes on with
+        storage.write_text(storage.join(ctx.stage_dir, "config.gin"), ctx.config_text)
+    if env.is_main and (notes or changes):
+        from rich.markup import escape  # values hold brackets: lists, dicts
+
+        console.print(f"[yellow]note:[/] --resume of {escape(repr(ctx.stage))} continues with changed settings:\n    "
+                      + escape("\n    ".join(notes + changes)), highlight=False)
+    fresh_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                    for g in optimizer.param_groups]
+    fresh_base = list(scheduler.base_lrs)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    if changes:  # the accepted settings apply from here on: the saved optimizer state kept the old ones
+        scheduler.base_lrs = fresh_base
+        for group, fresh, base, factor in zip(optimizer.param_groups, fresh_groups, fresh_base, scheduler.lr_lambdas):
+            group.update(fresh, initial_lr=base, lr=base * factor(scheduler.last_epoch))
     pos.__dict__.update(resuming.position_from(payload).__dict__)
+    _rebuild_best(ckpt_dir, env, payload, pos)
     counters["nan_skipped"] = int(payload.get("nan_skipped", 0))
     if int(payload.get("world_size", 1)) == env.world_size:
         counters["data_skipped"] = json.loads(payload["rank_states"][env.rank].get("skipped", "{}"))
@@ -323,6 +357,21 @@ def _resume(ckpt_dir: str, env: distributed.DistEnv, model: nn.Module, optimizer
                       f"uninterrupted run", stacklevel=2)
         return {}
     return resuming.restore_rank_state(env, gen, payload["rank_states"][env.rank])
+
+
+def _rebuild_best(ckpt_dir: str, env: distributed.DistEnv, payload: dict[str, Any], pos: resuming.Position) -> None:
+    """A state written by an older cmkd (state before best.pt) may name a best.pt that was never
+    written; when the state's own weights are that best epoch's, write it again from them."""
+    best = storage.join(ckpt_dir, "best.pt")
+    if not env.is_main or not pos.best or storage.exists(best):
+        return
+    if pos.best.get("epoch") == pos.epoch and pos.step_in_epoch == 0:
+        keep = ("experiment", "stage", "config", "classes", "multilabel", "sample_rate", "clip_samples", "norm",
+                "config_changes")
+        checkpoint.save(best, dict({k: payload[k] for k in keep if k in payload}, model=payload["model"],
+                                   epoch=pos.epoch, step=pos.step, metrics=pos.best))
+        console.print(f"[yellow]note:[/] {best} was missing (the run stopped between two writes); rebuilt it from "
+                      f"last.pt, which holds that best epoch's weights", highlight=False)
 
 
 def _steps_so_far(ctx: StageContext, step: int) -> list[dict[str, Any]]:

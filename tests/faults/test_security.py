@@ -4,7 +4,8 @@ carrying a malicious pickle is ignored and never executed, credentials never rea
 output of `cmkd registry` (checkpoints, saved configs, run files and error output: see
 test_checkpoints.py, test_storage.py and tests/test_s3_run.py), and only code the user named
 runs: a gin `import` runs its module, a checkpoint's saved `import` lines do not (unless the
-module is already imported, an installed plugin's, or allowed by $CMKD_ALLOW_IMPORT), and a
+module is an installed plugin's, imported by the user's gin files, or allowed by $CMKD_ALLOW_IMPORT;
+hostile payloads through every command: test_hostile_configs.py), and a
 plugin that fails to import is reported by name without stopping a run that does not use it."""
 
 from __future__ import annotations

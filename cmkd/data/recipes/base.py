@@ -98,7 +98,8 @@ def get_recipe(name: str) -> Recipe:
 
         close = difflib.get_close_matches(name, list(RECIPES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"unknown recipe {name!r}; recipes are: {', '.join(sorted(RECIPES))}.{hint}")
+        # webdataset adopts shards instead of planning clips (recipes/webdataset.py), so it is not in RECIPES.
+        raise RecipeError(f"unknown recipe {name!r}; recipes are: {', '.join(sorted([*RECIPES, 'webdataset']))}.{hint}")
     return RECIPES[name]
 
 

@@ -66,7 +66,8 @@ def _recompute(url: str, splits: list[str] | None, max_clips: int | None, write:
     with progress:
         task = progress.add_task("+".join(chosen), total=total)
         for sample in iter_samples(urls, sample_rate=manifest.sample_rate, class_index=None,
-                                   storage_options=storage_options):
+                                   storage_options=storage_options, format_version=manifest.format_version,
+                                   fields=manifest.fields):
             if acc.clips + acc.too_short >= total:
                 break
             acc.add(sample["wave"])

@@ -69,6 +69,7 @@ class AST(nn.Module):
         stride: int = 10,
         distilled: bool = True,
         drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.in_shape = (int(in_shape[0]), int(in_shape[1]))
@@ -81,7 +82,7 @@ class AST(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         num_tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
-        norm = partial(nn.LayerNorm, eps=1e-6)  # timm ViT/DeiT's eps, needed to reproduce them
+        norm = partial(nn.LayerNorm, eps=norm_eps)  # timm ViT/DeiT: 1e-6; transformers' AST: 1e-12
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm) for r in rates
@@ -233,6 +234,7 @@ def ast(
     stride: int = 10,
     distilled: bool = True,
     drop_path_rate: float = 0.0,
+    norm_eps: float = 1e-6,
     pretrained: bool | str = False,
     weights: str | None = None,
 ) -> AST:
@@ -243,7 +245,7 @@ def ast(
     """
     if weights is not None:  # a local copy of the pretrained file: the recipes' pretrained=True stays valid offline
         pretrained = False
-    model = AST(in_shape, embed_dim, depth, num_heads, mlp_ratio, patch, stride, distilled, drop_path_rate)
+    model = AST(in_shape, embed_dim, depth, num_heads, mlp_ratio, patch, stride, distilled, drop_path_rate, norm_eps)
     if pretrained_weights_skipped():  # a checkpoint will be loaded over these weights
         return model
     if pretrained:
