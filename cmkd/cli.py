@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cmkd.commands.common import USER_ERRORS, exit_code, fail, fail_verbatim, message
+from cmkd.commands.common import OUT_OF_MEMORY, USER_ERRORS, exit_code, fail, fail_verbatim, message
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
@@ -54,6 +54,8 @@ def run(
             distributed.shutdown()
     except USER_ERRORS as err:  # config values in the message hold brackets ([...], [@...]): verbatim
         fail_verbatim(message(err), exit_code(err))
+    except MemoryError:
+        fail(OUT_OF_MEMORY)
 
 
 def _launch_local(nproc: int, max_restarts: int = 0) -> None:

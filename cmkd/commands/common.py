@@ -11,6 +11,8 @@ from cmkd.console import console
 from cmkd.errors import user_errors
 
 USER_ERRORS = user_errors()  # CmkdError and a missing/forbidden file: a message (exit code 2), not a traceback
+OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
+                 "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -14,6 +14,10 @@ from cmkd.commands.common import USER_ERRORS, exit_code, fail
 RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
 
 
+OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--workers), smaller shards "
+                 "(--shard-max-mb) or a machine with more RAM; no dataset.json was published, so rerun to start over")
+
+
 def prepare(
     recipe: str = typer.Argument(..., help=RECIPE_HELP),
     src: str = typer.Argument(..., help="the source folder (the dataset's release layout, see docs/data.md)"),
@@ -71,8 +75,11 @@ def prepare(
         run_prepare(recipe, src, dest, options, **recipe_options)
     except USER_ERRORS as err:
         fail(str(err), exit_code(err))
+    except MemoryError:
+        fail(OUT_OF_MEMORY)
     except KeyboardInterrupt:
-        fail("interrupted: no dataset.json was published at DEST; run the same command again to start over", code=130)
+        fail("interrupted: no new dataset.json was published at DEST (an old dataset there is unchanged); run the "
+             "same command again to start over", code=130)
 
 
 def _adopt(src: str, dest: str, given: dict) -> None:
