@@ -15,7 +15,7 @@ import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
 from cmkd.console import console, out, table
-from cmkd.infer.report import write_report
+from cmkd.infer import report as run_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loop import StageContext, TrainingError, train
@@ -217,7 +217,8 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        console.print(f"report: {write_report(run_dir, device=device).markdown}", markup=False, highlight=False)
+        markdown = run_report.write_report(run_dir, device=device).markdown
+        console.print(f"report: {markdown}", markup=False, highlight=False)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
         console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)
