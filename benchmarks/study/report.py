@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -190,7 +191,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
     for g in probe + grid:
         if (g.dataset, len(g.stages)) not in shown:
             shown.add((g.dataset, len(g.stages)))
-            L.append(" ".join(g.command()))
+            L.append(shlex.join(g.command()))
     L += ["```", ""]
     for ds, path in gins.items():
         L += [f"`{ds}.gin`:", "", "```", path.read_text().rstrip(), "```", ""]
@@ -218,7 +219,9 @@ def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[st
              "accuracy over the last 10 % of epochs. Paired differences against the same model trained alone, "
              f"with their standard errors, the curves and the commands: [{md.name}]({rel}).", ""]
     if not complete:
-        lines += ["**The grid is not finished;** the numbers below are from the runs finished so far.", ""]
+        lines += ["**The grid is not finished;** the numbers below are from the runs finished so far. (The earlier "
+                  "study, 20 epochs on ESC-10 and 12 on FSDD, stopped while the AST was still underfitting; its "
+                  "tables are in the git history of results.md.)", ""]
     lines += ["| data | epochs | cell | runs | accuracy % | − same model alone (pp ± SE) |", "|---|---|---|---|---|---|"]
     for ds, cells in results.items():
         for stage, c in cells.items():
