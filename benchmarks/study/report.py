@@ -116,10 +116,9 @@ def verdict(results: dict[str, dict[str, Cell]]) -> list[str]:
     names = [ds for ds in ("esc10", "fsdd") if ds in results]
     for title, _ in findings({}):
         L.append(f"- **{title}.**")
-        for ds in names:
-            for d in dict(findings(results[ds]))[title]:
-                if d.n:
-                    L.append(f"  - {NAMES[ds]}: {d.what}: {d.text()} — {d.resolved()}.")
+        lines = [f"  - {NAMES[ds]}: {d.what}: {d.text()} — {d.resolved()}."
+                 for ds in names for d in dict(findings(results[ds]))[title] if d.n]
+        L += lines or ["  - no paired runs finished yet."]
     L += ["- **KD helps most on small data.** Not tested by this grid: each dataset has one training-set size "
           "(and the two datasets differ in more than size).", ""]
     return L
@@ -142,6 +141,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
          "every figure here is computed by that script from finished runs. Method: Gong et al. 2022 (CMKD) as "
          "implemented by cmkd (`docs/distillation.md`).", ""]
     if not complete:
+        L += [f"> {remaining(probe, grid, args.jobs)}", ">"]
         L += [f"> **Partial results.** Budget probe: {p_done} of {p_all} runs finished. Grid: {g_done} of {g_all} "
               "stage runs finished" + ("" if grid else " (the grid starts once the probe has chosen the budgets)") +
               ". The study resumes with the command below; every number here will change as runs finish.", ""]
@@ -200,6 +200,32 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
     if args.docs:
         update_docs(REPO / "docs" / "distillation.md", results, chosen, md, bool(complete))
     return text
+
+
+def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
+    """The work left, in epochs and (at the measured seconds per epoch of each dataset) CPU time."""
+    per_epoch: dict[str, list[float]] = {}
+    left: dict[str, int] = {}
+    seen = set()
+    for g in probe + grid:
+        for s in g.stages:
+            if (g.run_dir, s) in seen:
+                continue
+            seen.add((g.run_dir, s))
+            if g.summary(s) is not None:
+                per_epoch.setdefault(g.dataset, []).extend(r["epoch_seconds"] for r in g.history(s))
+            else:
+                left[g.dataset] = left.get(g.dataset, 0) + g.epochs
+    if not left:
+        return "No stage run left to train."
+    parts, cpu = [], 0.0
+    for ds, epochs in left.items():
+        rate = statistics.fmean(per_epoch[ds]) if per_epoch.get(ds) else None
+        cpu += epochs * rate if rate else 0.0
+        parts.append(f"{NAMES[ds]} {epochs} stage-epochs" + (f" at {rate:.1f} s each (measured so far)" if rate else ""))
+    grid_note = "" if grid else " (the probe only: the grid's size is known once the budgets are)"
+    return (f"**Left to train:** {'; '.join(parts)}{grid_note} ≈ {fmt_time(cpu)} of process time, about "
+            f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load).")
 
 
 def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[str, Any], md: Path,
