@@ -193,13 +193,14 @@ def stage_roles(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
+    # Narrow enough for an 80-column terminal: the role says what the strategy column used to.
     rows = []
     roles = stage_roles(summaries)
+    metric = next((s.get("metric") for s in summaries.values() if s.get("metric")), "")
     for stage, s in summaries.items():
-        metric = s.get("metric", "")
         best = s.get("best", {})
-        rows.append((stage, roles[stage], s.get("backbone"), f"{s.get('params', 0) / 1e6:.2f} M", s.get("strategy"),
-                     metric, best.get(f"eval_{metric}"), best.get("epoch"), s.get("last", {}).get(f"eval_{metric}"),
-                     f"{s.get('seconds', 0):.0f} s"))
-    return table(f"{name}: stages on the eval split (best epoch, and the last)",
-                 ["stage", "role", "backbone", "params", "strategy", "metric", "best", "epoch", "last", "time"], rows)
+        model = f"{str(s.get('backbone', '')).removesuffix('Backbone')} {s.get('params', 0) / 1e6:.2f} M"
+        rows.append((stage, roles[stage], model, best.get(f"eval_{metric}"), best.get("epoch"),
+                     s.get("last", {}).get(f"eval_{metric}"), f"{s.get('seconds', 0):.0f} s"))
+    return table(f"{name}: {metric} on the eval split (best epoch, and the last)",
+                 ["stage", "role", "model", "best", "epoch", "last", "time"], rows)
