@@ -202,5 +202,5 @@ def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
         model = f"{str(s.get('backbone', '')).removesuffix('Backbone')} {s.get('params', 0) / 1e6:.2f} M"
         rows.append((stage, roles[stage], model, best.get(f"eval_{metric}"), best.get("epoch"),
                      s.get("last", {}).get(f"eval_{metric}"), f"{s.get('seconds', 0):.0f} s"))
-    return table(f"{name}: {metric} on the eval split (best epoch, and the last)",
+    return table(f"{name}: stages on the eval split, {metric} (best epoch, and the last)",
                  ["stage", "role", "model", "best", "epoch", "last", "time"], rows)
