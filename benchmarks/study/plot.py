@@ -64,7 +64,9 @@ def draw(probe: list[Group], results: dict[str, dict[str, Cell]], path: Path, bu
                     continue
                 x, m, se = band(list(cells[s].curves.values()))
                 color, ls = STYLE[s]
-                ax.plot(x, m, color=color, linestyle=ls, linewidth=1.5, label=f"{CELLS[s][0]} ({len(cells[s].curves)} runs)")
+                n = len(cells[s].curves)
+                ax.plot(x, m, color=color, linestyle=ls, linewidth=1.5, marker="o" if len(x) < 5 else None,
+                        label=f"{CELLS[s][0]} ({n} run{'s' if n != 1 else ''})")
                 ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color,
                                 alpha=0.15)
             ax.set_title(f"{NAMES[ds]}, {budgets.get(ds) or '?'} epochs: {title} (mean ± SE over runs)", fontsize=10)
