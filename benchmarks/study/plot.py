@@ -56,7 +56,10 @@ def draw(probe: list[Group], results: dict[str, dict[str, Cell]], path: Path, bu
         ax.set_xlabel("epoch")
         ax.set_ylabel("eval accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no finished probe run yet", ha="center", va="center", transform=ax.transAxes)
         cells = results.get(ds, {})
         for ax, (title, stages) in zip(row[1:], PANELS):
             for s in stages:

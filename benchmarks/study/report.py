@@ -49,7 +49,7 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
     scores = probe_scores(probe)
     for ds in scores:
         lad = ladder(probe, ds)
-        keys = sorted({k for v in scores[ds].values() for k in v})
+        keys = sorted({(g.split, g.seed) for g in probe if g.dataset == ds})  # every probe run, finished or not
         L += [f"**{NAMES[ds]}** (probe runs: {runs_text[ds]}):", "",
               "| epochs | k | " + " | ".join(f"{s} seed {d} (%)" for s, d in keys) + " | mean (%) | "
               "gain over the previous rung (pp) | train time per run |",
@@ -149,8 +149,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **Machine:** {machine()}; {args.jobs} `cmkd run` processes at a time, sharing the 2 cores with other "
           f"work (load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}).",
           f"- **Wall time:** {fmt_time(wall.get('last_end', time.time()) - wall['first_start'])} from the study's "
-          f"first start to its last run ({wall['invocations']} invocation(s) so far, which ran "
-          f"{fmt_time(wall['running'])}); {fmt_time(secs)} of training summed over the finished stage runs.",
+          f"first start to its last run or to now ({wall['invocations']} finished invocation(s), which ran "
+          f"{fmt_time(wall['running'])}; one still running is not in that count); {fmt_time(secs)} of training summed over the finished stage runs.",
           "- **No pretrained weights** (nothing can be downloaded here): every model starts from random weights; "
           "the paper starts both from ImageNet.", ""]
     L += probe_section(probe, chosen, args.budget)
