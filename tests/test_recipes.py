@@ -206,7 +206,7 @@ SPY = textwrap.dedent('''
 ''')
 
 TINY = [
-    "import kd_spy", "student/train.strategy = @strategies.spy_kd",
+    "import kd_spy", "student/train.strategy = @strategies.spy_kd", "experiment.stages = ['teacher', 'student']",
     "datasets.synthetic.train_samples = 32", "datasets.synthetic.eval_samples = 16",
     "datasets.synthetic.clip_seconds = 0.5", "datasets.synthetic.num_workers = 0", "datasets.synthetic.shard_size = 8",
     "featurizers.fbank.target_frames = 50", "featurizers.fbank.n_mels = 32",
