@@ -24,7 +24,7 @@ import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
 SR = 16000
-NORM = (-4.2677393, 4.5689974)  # AST AudioSet statistics (REFERENCE.md)
+NORM = (-4.2677393, 4.5689974)  # AST AudioSet statistics (docs/reference.md; ast egs/audioset/run.sh)
 
 
 class SyntheticClips(torch.utils.data.Dataset):

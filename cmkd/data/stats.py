@@ -18,7 +18,8 @@ import torchaudio
 
 from cmkd.data.manifest import Manifest, Norm
 
-# The paper's front end (REFERENCE.md, "Front end"); everything else at torchaudio's defaults.
+# The paper's front end (ast src/dataloader.py; docs/reference.md, "Front end");
+# everything else at torchaudio's defaults.
 FBANK_KWARGS: dict[str, Any] = dict(
     htk_compat=True,
     use_energy=False,
