@@ -9,6 +9,7 @@ from typing import Any
 
 from _common import markdown_table
 
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):

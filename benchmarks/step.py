@@ -40,12 +40,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import current_rss_mb, emit, load_average, machine, markdown_table, median, spread, sync  # noqa: E402
 from _reference import (  # noqa: E402
-    NORM, ReferenceClips, SyntheticClips, reference_models, reference_optimizer, reference_step,
+    NORM,
+    ReferenceClips,
+    SyntheticClips,
+    reference_models,
+    reference_optimizer,
+    reference_step,
 )
 
+import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
 from cmkd.audio.augment import Mixup, SpecAugment  # noqa: E402
 from cmkd.audio.features import Fbank  # noqa: E402
-import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
 from cmkd.distill.losses import BCE  # noqa: E402
 from cmkd.distill.offline import save_teacher_logits  # noqa: E402
 from cmkd.models.classifier import build_classifier  # noqa: E402
@@ -447,7 +452,7 @@ def table(res: dict[str, Any]) -> str:
     text = head + "\n\n" + markdown_table(cols, rows)
     if res.get("measured_peak_tflops"):
         rate = res["measured_peak_tflops"]
-        text += f"\nmeasured dense matrix rate: " + (f"{rate:.1f} TFLOP/s" if rate >= 1 else f"{rate * 1e3:.0f} GFLOP/s")
+        text += "\nmeasured dense matrix rate: " + (f"{rate:.1f} TFLOP/s" if rate >= 1 else f"{rate * 1e3:.0f} GFLOP/s")
     if res.get("peak_tflops"):
         text += f"; MFU against a nominal {res['peak_tflops']:g} TFLOP/s"
     if res.get("process_peak_mb"):

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cmkd import components, config
 from cmkd.cli import app
-from cmkd.models.factory import build_frontend, load_model
 from cmkd.models.classifier import build_classifier
+from cmkd.models.factory import build_frontend, load_model
 from cmkd.train import checkpoint
 from cmkd.train.averaging import LastEpochs, RunningMean, average_state_dicts, teacher_url
 from cmkd.train.checkpoint import CheckpointError
@@ -192,7 +192,6 @@ def test_teacher_checkpoint_last_loads_last_pt_not_best_pt(tmp_path: Path, write
     import json
 
     import gin
-
     from cmkd.experiment import run_experiment
     from cmkd.train import loop
     from cmkd.train.distributed import DistEnv

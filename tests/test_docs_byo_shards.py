@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from helpers import TESTS_DIR, cmkd_env, read_json, run_cmkd
 from wds_shards import CLASSES, LAYOUTS, classes_file, write_wds
 

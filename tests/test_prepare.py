@@ -289,7 +289,7 @@ def test_folder_without_split_column_is_deterministic_and_single_label(tmp_path:
     src = make_folder(tmp_path / "src", rows, "file,labels")
     opts = PrepareOptions(workers=0)
     first = prepare("folder", src, str(tmp_path / "a"), opts, quiet=True, eval_fraction=0.2)
-    again = prepare("folder", src, str(tmp_path / "b"), opts, quiet=True, eval_fraction=0.2)
+    prepare("folder", src, str(tmp_path / "b"), opts, quiet=True, eval_fraction=0.2)
     assert {s: r.written for s, r in first.splits.items()} == {"train": 8, "eval": 2}
     keys = lambda root: sorted(k for k in all_members(root, "eval") if k.endswith(".json"))  # noqa: E731
     assert keys(tmp_path / "a") == keys(tmp_path / "b")
@@ -333,8 +333,8 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
     assert result.exit_code == 0, result.output
     assert "wrote s3://cmkd-prepare/esc50/dataset.json" in result.output
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.output  # credentials come from the environment, unprinted
-    from cmkd.registry import datasets
     import cmkd.data.stream  # noqa: F401 - registers datasets.webdataset
+    from cmkd.registry import datasets
 
     ds = datasets.get("webdataset")(root="s3://cmkd-prepare/esc50", train_split=["fold1", "fold2", "fold3", "fold4"],
                                     eval_split="fold5", num_workers=0)
@@ -356,7 +356,6 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
 ])
 def test_data_gin_recipes_parse(recipe: str, frames: int, train: Any, eval_split: str, balanced: bool) -> None:
     import gin
-
     from cmkd import components, config
 
     components.load_all()
@@ -379,7 +378,6 @@ def test_data_gin_recipes_parse(recipe: str, frames: int, train: Any, eval_split
 
 def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path, Path, Any]) -> None:
     import gin
-
     from cmkd import components, config
     from cmkd.registry import datasets
 
@@ -396,9 +394,10 @@ def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path
 
 
 def test_webdataset_reads_a_list_of_training_splits(tmp_path: Path) -> None:
+    from tones import write_tone_dataset
+
     import cmkd.data.stream  # noqa: F401
     from cmkd.registry import datasets
-    from tones import write_tone_dataset
 
     root = str(tmp_path / "tones")
     write_tone_dataset(root, {"a": [("a0", ["x"], 0.3), ("a1", ["y", "x"], 0.3)], "b": [("b0", ["y"], 0.3)],

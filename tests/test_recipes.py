@@ -13,13 +13,13 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import gin
 import pytest
 import torch
 
+import gin
 from cmkd import components, config
-from cmkd.registry import REGISTRIES
 from cmkd.experiment import run_experiment
+from cmkd.registry import REGISTRIES
 from cmkd.train import checkpoint
 from cmkd.train.averaging import average_state_dicts
 from cmkd.train.checkpoint import CheckpointError

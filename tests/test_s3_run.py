@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
 from tones import SR, tone
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 from tones import SR, tone, write_tone_dataset
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "stream.py"

@@ -15,7 +15,6 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
 from wds_shards import CLASSES, LAYOUTS, SR, classes_file, tone, write_tar, write_wds
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import gin
-
 from helpers import TINY_AST, write_gin
+
+import gin
 
 FAULTS_DIR = Path(__file__).resolve().parent
 

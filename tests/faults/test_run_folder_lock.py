@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faultkit import FAULTS_DIR, flat
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 
@@ -101,7 +100,6 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(inprocess, capsys):
 
 def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
     import gin
-
     from cmkd import components, config
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
