@@ -110,7 +110,8 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if teacher_logits is None:
         return loss
     soft = torch.sigmoid(teacher_logits)
-    kd = F.binary_cross_entropy_with_logits(student_logits, soft) - F.binary_cross_entropy_with_logits(teacher_logits, soft)
+    bce = F.binary_cross_entropy_with_logits
+    kd = bce(student_logits, soft) - bce(teacher_logits, soft)
     return lam * loss + (1 - lam) * kd
 
 

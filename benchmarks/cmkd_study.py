@@ -241,7 +241,8 @@ def build_groups(args: argparse.Namespace, work: Path, roots: dict[str, Path]) -
                 esc.append(Group("esc10", f"fold{fold}", seed,
                                  [f"SEED={seed}", "TRAIN_SPLITS=[%s]" % ", ".join(f'"{t}"' for t in train),
                                   f'EVAL_SPLIT="fold{fold}"'],
-                                 work / "runs" / f"esc10-{tag['esc10']}" / f"fold{fold}" / f"seed{seed}", gins["esc10"]))
+                                 work / "runs" / f"esc10-{tag['esc10']}" / f"fold{fold}" / f"seed{seed}",
+                                 gins["esc10"]))
     # Interleaved, so that a study stopped early has both datasets (and the first folds complete).
     groups = [g for pair in itertools.zip_longest(esc, fsdd) for g in pair if g is not None]
     return groups
@@ -391,7 +392,8 @@ def machine() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}; "
+    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; "
+            f"Python {platform.python_version()}, torch {torch.__version__}; "
             f"each `cmkd run` on 1 thread")
 
 
@@ -501,12 +503,14 @@ def write_results(args: argparse.Namespace, groups: list[Group], results: dict[s
         f"depth {m['ast_depth']}, {m['ast_heads']} heads, CLS + distillation tokens → LayerNorm + linear; Adam lr "
         f"{m['ast_lr']}. Batch 32, cosine schedule with {m['warmup_epochs']} warm-up epochs; ESC-10 {e['epochs']} "
         f"epochs, FSDD {f['epochs']} epochs. Softmax + cross-entropy.",
-        f"- **KD:** `strategies.logit_kd`, the paper's loss λ·CE + (1−λ)·KL(softmax(Zt/τ) ‖ softmax(Zs)), λ = {m['lam']}, "
+        "- **KD:** `strategies.logit_kd`, the paper's loss λ·CE + (1−λ)·KL(softmax(Zt/τ) ‖ softmax(Zs)), "
+        f"λ = {m['lam']}, "
         f"τ = {m['tau']}; the frozen teacher sees the student's exact augmented input. The teacher is its stage's "
         "**last** checkpoint (`train.teacher_checkpoint = 'last'`): the 'best' epoch is picked on the eval split and "
         "would leak it into the student.",
         "- **Metric:** accuracy on the held-out split after the **last** epoch (no epoch selection on the eval data). "
-        "mean ± std over all runs of a cell (seeds, and folds for ESC-10). The paired columns compare runs with the same "
+        "mean ± std over all runs of a cell (seeds, and folds for ESC-10). "
+        "The paired columns compare runs with the same "
         "split and seed (same initialisation of the student's class and the same data order as its baseline).",
         "",
     ]
@@ -524,7 +528,8 @@ def write_results(args: argparse.Namespace, groups: list[Group], results: dict[s
                     cells.append(f"{100 * statistics.fmean(xs):.1f}" if xs else "–")
                 L.append(f"| {fold} | " + " | ".join(cells) + " |")
             L.append("")
-    L += [f"![CMKD study]({png.name})", "", "## Do the paper's findings hold at this scale?", "", "VERDICT_PLACEHOLDER", ""]
+    L += [f"![CMKD study]({png.name})", "", "## Do the paper's findings hold at this scale?", "",
+          "VERDICT_PLACEHOLDER", ""]
     L += ["## Reproduce", "", "```", args.command, "```", "",
           "The gin files the script wrote (one per dataset; the folds and seeds are `-b` bindings) and the exact "
           "`cmkd run` commands:", "", "```"]
@@ -553,7 +558,8 @@ def auto_verdict(results: dict[str, Any]) -> str:
     for ds, rows in results.items():
         parts = []
         for a, b, what in (("cnn_to_ast", "ast", "CNN→AST vs AST alone"), ("ast_to_cnn", "cnn", "AST→CNN vs CNN alone"),
-                           ("cnn_to_cnn", "cnn", "CNN→CNN vs CNN alone"), ("cnn_to_ast", "cnn", "CNN→AST vs its teacher"),
+                           ("cnn_to_cnn", "cnn", "CNN→CNN vs CNN alone"), ("cnn_to_ast", "cnn", "CNN→AST vs its "
+                                                                                                "teacher"),
                            ("ast_to_cnn", "ast", "AST→CNN vs its teacher")):
             d = paired(rows, a, b)
             if d:

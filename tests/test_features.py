@@ -75,7 +75,8 @@ def test_batched_fbank_matches_torchaudio_per_clip(clips, chunk, one_thread):
     ours = fbank.log_mel(batch)
     ref = torch.stack([fbank.pad_or_cut(_reference(c)) for c in batch]).unsqueeze(1)
     diff = (ours - ref).abs()
-    print(f"fbank parity (chunk {chunk}): max |Fbank - kaldi.fbank| = {diff.max().item():.3e}, mean = {diff.mean().item():.3e}")
+    print(f"fbank parity (chunk {chunk}): max |Fbank - kaldi.fbank| = {diff.max().item():.3e}, "
+          f"mean = {diff.mean().item():.3e}")
     assert ours.shape == (4, 1, 128, 1024)
     assert diff.max() <= 1e-3
     assert diff.mean() <= 1e-6  # bulk agreement is at fp32 rounding level, not just within tolerance

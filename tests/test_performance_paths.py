@@ -198,7 +198,8 @@ class _TinyConv(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs one")
+@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs "
+                                                     "one")
 def test_compiled_model_trains_like_eager():
     from cmkd.models.classifier import Classifier
     from cmkd.models.heads import LinearHead
@@ -282,7 +283,8 @@ train.epochs = 2
 
 @pytest.mark.slow  # 2 shared cores (load ~6): compiled run 122 s with a cold inductor cache, 43 s warm; eager 15 s
 @pytest.mark.timeout(700)
-@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs one")
+@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs "
+                                                     "one")
 def test_train_compile_true_trains_through_the_loop_like_eager(tmp_path):
     """`cmkd run` with train.compile = True on CPU: the real loop (featurizer, compiled student,
     optimizer, evaluation, checkpoints) trains a tiny AST for one epoch, writes checkpoints with

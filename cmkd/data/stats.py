@@ -126,7 +126,8 @@ def compute_stats(
             break
         acc.add(sample["wave"])
     if acc.too_short:
-        warnings.warn(f"{manifest.root}: {acc.too_short} clip(s) of split {split!r} are shorter than 25 ms and were ignored")
+        warnings.warn(f"{manifest.root}: {acc.too_short} clip(s) of split {split!r} are shorter than 25 ms and were "
+                      "ignored")
     norm = acc.result()
     if save:
         manifest.norm = norm

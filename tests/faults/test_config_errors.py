@@ -73,7 +73,8 @@ CASES = {
                          [r"train\.batch_size = 1\.5 \(stage 'main'\) must be an integer >= 1; set at {file}:{line:1.5}"]),
     "optimizer type": (BASE + "optimizer.lr = 'fast'\n", (),
                        [r"optimizer\.lr = 'fast' \(stage 'main'\) must be a number > 0; set at {file}:{line:'fast'}"]),
-    "missing dataset": (BASE + "train.dataset = @datasets.webdataset\ndatasets.webdataset.root = '/nonexistent/cmkd-data'\n",
+    "missing dataset": (BASE + "train.dataset = @datasets.webdataset\ndatasets.webdataset.root = "
+                               "'/nonexistent/cmkd-data'\n",
                         (), [r"/nonexistent/cmkd-data/dataset\.json: no dataset manifest here"]),
     "teacher listed after student": (BASE + KD.replace("['teacher', 'student']", "['student', 'teacher']"), (),
                                      [r"stage 'student' learns from stage 'teacher', which comes later in "

@@ -68,7 +68,8 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         except FileNotFoundError:
-            raise RecipeError(f"SRC {shown_url(url)}: no such folder; pass the shards' folder or a brace pattern") from None
+            raise RecipeError(f"SRC {shown_url(url)}: no such folder; "
+                              "pass the shards' folder or a brace pattern") from None
 
     base, patterns = locate(src, list(opts.splits), list_dir)
     classes = _read_classes(opts.classes, opts.storage_options) if opts.classes else None
@@ -145,7 +146,8 @@ def _read_classes(url: str, storage_options: dict[str, Any]) -> list[str]:
     return classes
 
 
-def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOptions, quiet: bool) -> dict[str, SplitScan]:
+def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOptions,
+          quiet: bool) -> dict[str, SplitScan]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmkd.train.progress import console
