@@ -33,9 +33,12 @@ CLASSES = ["a", "b", "c"]
 
 def test_mean_of_three_hand_made_state_dicts() -> None:
     sds = [
-        {"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)},
-        {"w": torch.tensor([4.0, -2.0]), "bn.running_var": torch.tensor([1.5]), "bn.num_batches_tracked": torch.tensor(7)},
-        {"w": torch.tensor([7.0, 3.0]), "bn.running_var": torch.tensor([4.0]), "bn.num_batches_tracked": torch.tensor(11)},
+        {"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.tensor([0.5]),
+         "bn.num_batches_tracked": torch.tensor(3)},
+        {"w": torch.tensor([4.0, -2.0]), "bn.running_var": torch.tensor([1.5]),
+         "bn.num_batches_tracked": torch.tensor(7)},
+        {"w": torch.tensor([7.0, 3.0]), "bn.running_var": torch.tensor([4.0]),
+         "bn.num_batches_tracked": torch.tensor(11)},
     ]
     avg = average_state_dicts(sds)
     assert torch.equal(avg["w"], torch.tensor([4.0, 1.0]))  # (1+4+7)/3, (2-2+3)/3

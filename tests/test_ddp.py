@@ -54,7 +54,8 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
     assert np.abs(np.diff(loss1)).min() > 0.01, f"the trajectory must move for the comparison to mean anything: {loss1}"
     np.testing.assert_allclose(loss2, loss1, rtol=1e-5, atol=0)
 
-    m1, m2 = read_jsonl(tmp_path / "one/parity/main/metrics.jsonl"), read_jsonl(tmp_path / "two/parity/main/metrics.jsonl")
+    m1 = read_jsonl(tmp_path / "one/parity/main/metrics.jsonl")
+    m2 = read_jsonl(tmp_path / "two/parity/main/metrics.jsonl")
     assert [r["step"] for r in m2] == [4, 8]
     for a, b in zip(m1, m2):  # evaluation gathered over 2 ranks = evaluation in one process
         assert a["eval_samples"] == b["eval_samples"] == 7  # odd: 4 on rank 0, 3 on rank 1

@@ -45,7 +45,8 @@ def clips(tmp_path_factory) -> list[torch.Tensor]:
         return np.arange(int(seconds * SR)) / SR
 
     a = t(10.0)
-    tone_noise = 0.3 * np.sin(2 * np.pi * 440 * a) + 0.1 * np.sin(2 * np.pi * 3100 * a) + 0.02 * rng.standard_normal(a.size)
+    tone_noise = (0.3 * np.sin(2 * np.pi * 440 * a) + 0.1 * np.sin(2 * np.pi * 3100 * a)
+                  + 0.02 * rng.standard_normal(a.size))
     b = t(7.3)
     chirp = 0.5 * np.sin(2 * np.pi * (50 * b + 400 * b**2)) + 0.03  # DC offset on purpose
     c = t(4.1)

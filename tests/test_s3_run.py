@@ -88,7 +88,8 @@ strategies.logit_kd.teacher = 'teacher'
 
     # A rerun reuses both finished stages from the bucket and rewrites nothing in them.
     def stage_objects() -> dict[str, str]:
-        return {p: fs.info(p)["ETag"] for stage in ("teacher", "student") for p in fs.find(f"{bucket}/runs/s3kd/{stage}")}
+        return {p: fs.info(p)["ETag"]
+                for stage in ("teacher", "student") for p in fs.find(f"{bucket}/runs/s3kd/{stage}")}
 
     before = stage_objects()
     second = run_cmkd(cmd, env=env, cwd=work, timeout=240).check()
