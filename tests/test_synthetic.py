@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from cmkd.data.synthetic import CLASSES, class_of, iter_clips, make_clip, render_event
+from cmkd.data.synthetic.sounds import CLASSES, class_of, iter_clips, make_clip, render_event
 
 SR = 16000
 BRIEF = ("tone", "chirp_up", "chirp_down", "noise_burst", "click_train",
