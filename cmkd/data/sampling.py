@@ -7,62 +7,15 @@ training stream is a pure function of ``(seed, epoch, rank, worker)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-
-T = TypeVar("T")
 
 
 def worker_rng(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
     """Independent stream per (seed, epoch, rank, worker); SeedSequence mixes the entropy well."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(worker)]))
-
-
-def resampled(
-    urls: Sequence[str],
-    read: Callable[[str], Iterable[T]],
-    rng: np.random.Generator,
-    *,
-    what: str = "shards",
-) -> Iterator[T]:
-    """Draw shards with replacement forever (like webdataset's ResampledShards) and chain their items.
-
-    Raises when a long run of draws yields nothing, instead of spinning forever on empty shards.
-    """
-    if not urls:
-        raise ValueError(f"resampled: no {what} to draw from; check the split's shard pattern in dataset.json")
-    empty = 0
-    while True:
-        url = urls[int(rng.integers(len(urls)))]
-        n = 0
-        for item in read(url):
-            n += 1
-            yield item
-        empty = 0 if n else empty + 1
-        if empty > 4 * len(urls) + 16:
-            raise RuntimeError(
-                f"{empty} shards drawn in a row held no samples (e.g. {url}); the split looks empty — "
-                f"re-run `cmkd prepare` or pick another split"
-            )
-
-
-def shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
-    """Shuffle through a buffer of ``size`` items (filled first, then one out per one in, drained at the end)."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(size))
-        out, buf[j] = buf[j], item
-        yield out
-    rng.shuffle(buf)  # type: ignore[arg-type]
-    yield from buf
 
 
 class BalancedRejection:

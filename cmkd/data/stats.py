@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,13 +85,6 @@ class NormStats:
             )
         std = math.sqrt(self.m2 / (self.count - 1))
         return Norm(mean=float(self.mean), std=float(std))
-
-
-def stats_from_waves(waves: Iterable[torch.Tensor | np.ndarray], sample_rate: int) -> Norm:
-    acc = NormStats(sample_rate)
-    for w in waves:
-        acc.add(w)
-    return acc.result()
 
 
 def compute_stats(
