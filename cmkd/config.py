@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import gin
+
 from cmkd.registry import REGISTRIES
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)

@@ -16,8 +16,9 @@ import os
 import re
 from typing import Iterable
 
-from cmkd.config import ALLOW_IMPORT_ENV, ConfigError, ImportNotAllowed
 from gin import config_parser
+
+from cmkd.config import ALLOW_IMPORT_ENV, ConfigError, ImportNotAllowed
 
 # gin's own configurables a saved config may use: macros (``NAME = value``, ``%NAME``) and the
 # singleton wrapper, which only calls another (checked) configurable.
@@ -77,8 +78,9 @@ def check(config_text: str, source: str = "a saved gin config") -> None:
     imported in this process, and those in ``$CMKD_ALLOW_IMPORT``. ``__gin__`` imports (dynamic
     registration) are never allowed, whatever the environment says.
     """
-    from cmkd import components
     from gin import config as gin_config
+
+    from cmkd import components
 
     components.load_all()  # plugin components register themselves on import: a saved config needs no import line
     recorder = _Recorder()

@@ -195,6 +195,7 @@ def test_teacher_checkpoint_last_loads_last_pt_not_best_pt(tmp_path: Path, write
     import json
 
     import gin
+
     from cmkd.experiment import run_experiment
     from cmkd.train import loop
     from cmkd.train.distributed import DistEnv

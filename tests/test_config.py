@@ -3,9 +3,9 @@ and isolated configs (rebuilding a model from a checkpoint's own config)."""
 
 from __future__ import annotations
 
+import gin
 import pytest
 
-import gin
 from cmkd import components, config
 from cmkd.config import ConfigError
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import gin
 import numpy as np
 import pytest
 import soundfile as sf
@@ -22,7 +23,6 @@ import torch
 from helpers import TINY_AST, TINY_CNN
 from typer.testing import CliRunner
 
-import gin
 from cmkd.cli import app
 from cmkd.models.factory import load_model
 

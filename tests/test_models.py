@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import gin
 import pytest
 import torch
 
 import cmkd.models.backbones  # noqa: F401 - registers the backbones
-import gin
 from cmkd.models import poolers as pool_mod
 from cmkd.models.backbones.ast import AST, patch_grid
 from cmkd.models.classifier import Classifier, build_classifier

@@ -211,6 +211,7 @@ def _offline_run(tmp_path: Path, write_tones, monkeypatch: pytest.MonkeyPatch, *
     """A teacher + offline-KD student experiment on tones; training is booby-trapped, so an error
     raised here was raised by the pre-flight, before the teacher stage built a model."""
     import gin
+
     from cmkd.experiment import run_experiment
     from cmkd.train import loop
     from cmkd.train.distributed import DistEnv
@@ -288,6 +289,7 @@ def test_docs_flow_teacher_stage_then_logits_then_offline_student(tmp_path: Path
     """docs/distillation.md's three steps at toy scale: train the teacher stage alone, `cmkd teacher-logits`
     on it, then the whole experiment: the teacher stage is reused and the student learns from the file."""
     import gin
+
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
 

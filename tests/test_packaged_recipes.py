@@ -8,9 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import gin
 import pytest
 
-import gin
 from cmkd import config
 
 REPO = Path(__file__).resolve().parents[1]

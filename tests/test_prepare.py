@@ -361,6 +361,7 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
 ])
 def test_data_gin_recipes_parse(recipe: str, frames: int, train: Any, eval_split: str, balanced: bool) -> None:
     import gin
+
     from cmkd import components, config
 
     components.load_all()
@@ -384,6 +385,7 @@ def test_data_gin_recipes_parse(recipe: str, frames: int, train: Any, eval_split
 
 def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path, Path, Any]) -> None:
     import gin
+
     from cmkd import components, config
     from cmkd.registry import datasets
 

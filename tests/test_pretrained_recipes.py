@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gin
 import pytest
 import torch
 from typer.testing import CliRunner
-
-import gin
 
 pytest.importorskip("transformers")
 

@@ -13,10 +13,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import gin
 import pytest
 import torch
 
-import gin
 from cmkd import components, config
 from cmkd.experiment import run_experiment
 from cmkd.registry import REGISTRIES

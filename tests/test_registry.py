@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import gin
 import pytest
 from torch import nn
 
-import gin
 from cmkd import components
 from cmkd.registry import REGISTRIES, Registry, RegistryError, call_with_context, origin
 

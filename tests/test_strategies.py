@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+import gin
 import pytest
 import torch
 from torch import nn
 
-import gin
 from cmkd.distill.losses import BCE, CE
 from cmkd.distill.strategies import Ensemble, Hinton, LogitKD, NoDistillation, freeze
 from cmkd.registry import call_with_context, strategies

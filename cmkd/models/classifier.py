@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import gin
 import torch
 from torch import nn
 
 import cmkd.models.backbones  # noqa: F401 - registers the built-ins so names resolve
 import cmkd.models.poolers  # noqa: F401
-import gin
 from cmkd.models.heads import linear
 from cmkd.registry import Registry, backbones, call_with_context, heads, poolers
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import gin
 import torch
 from torch import nn
 
-import gin
 from cmkd import config
 from cmkd.models.backbones.ast import AST, resize_ast_state_dict
 from cmkd.models.classifier import Classifier, build_classifier

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from helpers import TINY_AST, write_gin
-
 import gin
+from helpers import TINY_AST, write_gin
 
 FAULTS_DIR = Path(__file__).resolve().parent
 

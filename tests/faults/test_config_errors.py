@@ -10,11 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gin
 import pytest
 from faultkit import flat
 from helpers import TINY_AST, write_gin
-
-import gin
 
 pytestmark = [pytest.mark.timeout(300)]
 

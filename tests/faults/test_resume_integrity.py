@@ -113,6 +113,7 @@ def test_allow_config_change_applies_and_records_it_and_harmless_changes_pass(in
     with pytest.raises(ConfigError, match="optimizer.lr"):
         inprocess.run(DATA, "train.epochs = 2", binds=["optimizer.lr = 0.5"], resume=True)
     import gin
+
     from cmkd import components, config
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv

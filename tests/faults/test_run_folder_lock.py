@@ -100,6 +100,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(inprocess, capsys):
 
 def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
     import gin
+
     from cmkd import components, config
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv

@@ -15,12 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
+import gin
 import pytest
 from faultkit import flat
 from helpers import TINY_AST, write_gin
 from test_bad_data import GOOD_KEYS, write_bad_dataset
-
-import gin
 
 pytestmark = [pytest.mark.timeout(120)]
 
