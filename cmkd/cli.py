@@ -22,12 +22,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cmkd.data.manifest import ManifestError
     from cmkd.data.stream import SampleError, ShardError
     from cmkd.registry import RegistryError
+    from cmkd.storage import StorageError
     from cmkd.train.checkpoint import CheckpointError
     from cmkd.train.distributed import DistributedSetupError
     from cmkd.train.loop import TrainingError
 
     return (ConfigError, RegistryError, CheckpointError, TrainingError, AudioError, FileNotFoundError,
-            DistributedSetupError, ManifestError, ShardError, SampleError)
+            DistributedSetupError, ManifestError, ShardError, SampleError, StorageError)
+
+
+OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
+                 "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -73,6 +78,8 @@ def run(
         from rich.markup import escape  # config values in the message hold brackets ([...], [@...])
 
         fail(escape(_message(err)))
+    except MemoryError:
+        fail(OUT_OF_MEMORY)
 
 
 def _message(err: BaseException) -> str:

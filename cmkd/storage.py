@@ -2,14 +2,115 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 import tempfile
-from typing import Any
+import time
+import warnings
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+
+T = TypeVar("T")
+
+# Object-store writes are retried like shard reads (datasets.webdataset.retries / backoff
+# defaults): 5 tries after the first, waits of 0.5, 1, 2, 4, 8 s. The environment variables
+# change the budget for every write of this process (and of the ranks it starts).
+WRITE_RETRIES = 5
+WRITE_BACKOFF = 0.5
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+_NO_RIGHT = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class StorageError(OSError):
+    """A write, move or delete that failed for good; the message names the URL and what to do."""
+
+    def __str__(self) -> str:  # OSError's str() would prefix "[Errno N]"; the message says it already
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):  # re-raised across processes with its message
+        return type(self), (str(self),)
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        found.append(BotoCoreError)
+    except ImportError:  # pragma: no cover - no s3 support installed
+        pass
+    try:
+        from aiohttp import ClientError
+
+        found.append(ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        found.append(FSTimeoutError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+def _budget() -> tuple[int, float]:
+    try:
+        return (int(os.environ.get("CMKD_WRITE_RETRIES", WRITE_RETRIES)),
+                float(os.environ.get("CMKD_WRITE_BACKOFF", WRITE_BACKOFF)))
+    except ValueError:
+        return WRITE_RETRIES, WRITE_BACKOFF
+
+
+def failure(url: str, action: str, err: BaseException) -> StorageError:
+    """One clear StorageError for ``action`` ("write", "move to", ...) of ``url`` failing with ``err``."""
+    if isinstance(err, StorageError):
+        return err
+    code = getattr(err, "errno", None)
+    what = f"{type(err).__name__}: {err}"
+    if isinstance(err, MemoryError):
+        todo = "the machine ran out of memory; free memory (fewer workers, a smaller batch) and rerun"
+    elif code in _NO_SPACE:
+        todo = "the disk is full; free space there or pick another destination, then rerun (`cmkd run --resume` continues a run)"
+    elif code in _NO_RIGHT:
+        todo = "no permission to write there (or a read-only filesystem); fix the permissions or pick another destination"
+    elif isinstance(err, transient_errors()) or "connect" in str(err).lower():
+        todo = ("the storage is unreachable; check the endpoint (AWS_ENDPOINT_URL), the network and the credentials, "
+                "then rerun (`cmkd run --resume` continues a run), or raise CMKD_WRITE_RETRIES / CMKD_WRITE_BACKOFF")
+    else:
+        todo = "check that the destination exists and is writable, then rerun"
+    return StorageError(f"{url}: could not {action} ({what}); {todo}")
+
+
+def retrying(url: str, action: str, op: Callable[[], T], *, wrap_all: bool = True) -> T:
+    """Run an object-store operation, retrying transient failures with exponential backoff.
+
+    ``wrap_all=False`` (reads, lookups) lets other OSErrors such as FileNotFoundError through.
+    """
+    retries, backoff = _budget()
+    transient = transient_errors()
+    failures = 0
+    while True:
+        try:
+            return op()
+        except transient as err:
+            failures += 1
+            if failures > retries:
+                raise failure(url, action, err) from err
+            delay = backoff * 2 ** (failures - 1)
+            warnings.warn(f"{url}: {action} failed ({type(err).__name__}: {str(err)[:200]}); "
+                          f"retry {failures}/{retries} in {delay:.1f} s", stacklevel=3)
+            time.sleep(delay)
+        except (OSError, MemoryError) as err:
+            if not wrap_all:
+                raise
+            raise failure(url, action, err) from err
 
 
 def join(base: str, *parts: str) -> str:
@@ -28,13 +129,19 @@ def local_path(url: str) -> str:
 
 
 def exists(url: str) -> bool:
-    fs, path = url_to_fs(url)
-    return fs.exists(path)
+    def look() -> bool:
+        fs, path = url_to_fs(url)
+        return fs.exists(path)
+
+    return look() if is_local(url) else retrying(url, "look up", look, wrap_all=False)
 
 
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
-        return f.read()
+    def get() -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return get() if is_local(url) else retrying(url, "read", get, wrap_all=False)
 
 
 def read_text(url: str) -> str:
@@ -50,8 +157,11 @@ def write_bytes(url: str, data: bytes) -> None:
     if is_local(url):
         path = local_path(url)
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as err:
+            raise failure(url, "write", err) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -61,14 +171,20 @@ def write_bytes(url: str, data: bytes) -> None:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(err, OSError):
+                raise failure(url, "write", err) from err
             raise
         return
-    fs, path = url_to_fs(url)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+
+    def put() -> None:
+        fs, path = url_to_fs(url)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+    retrying(url, "write", put)
 
 
 def write_text(url: str, text: str) -> None:
@@ -76,8 +192,17 @@ def write_text(url: str, text: str) -> None:
 
 
 def makedirs(url: str) -> None:
-    fs, path = url_to_fs(url)
-    fs.makedirs(path, exist_ok=True)
+    if is_local(url):
+        try:
+            os.makedirs(local_path(url), exist_ok=True)
+        except OSError as err:
+            raise failure(url, "create the folder", err) from err
+        return
+    def mk() -> None:
+        fs, path = url_to_fs(url)
+        fs.makedirs(path, exist_ok=True)
+
+    retrying(url, "create the folder", mk)
 
 
 def listdir(url: str) -> list[str]:
@@ -88,9 +213,18 @@ def listdir(url: str) -> list[str]:
 
 
 def remove(url: str) -> None:
-    fs, path = url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path)
+    def rm() -> None:
+        fs, path = url_to_fs(url)
+        if fs.exists(path):
+            fs.rm(path)
+
+    if is_local(url):
+        try:
+            rm()
+        except OSError as err:
+            raise failure(url, "delete", err) from err
+        return
+    retrying(url, "delete", rm)
 
 
 # Environment variables that hold credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
@@ -113,8 +247,15 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
 def rename(src: str, dst: str) -> None:
     """Move ``src`` over ``dst`` (atomic on local disk; copy-then-delete on object stores)."""
     if is_local(src) and is_local(dst):
-        os.replace(local_path(src), local_path(dst))
+        try:
+            os.replace(local_path(src), local_path(dst))
+        except OSError as err:
+            raise failure(dst, f"move {src} here", err) from err
         return
-    fs, src_path = url_to_fs(src)
-    _, dst_path = url_to_fs(dst)
-    fs.mv(src_path, dst_path)
+
+    def mv() -> None:
+        fs, src_path = url_to_fs(src)
+        _, dst_path = url_to_fs(dst)
+        fs.mv(src_path, dst_path)
+
+    retrying(dst, f"move {src} here", mv)

@@ -15,6 +15,7 @@ import torchaudio
 
 from cmkd.data.manifest import Manifest, ManifestError, Norm, Split, brace_expand
 from cmkd.data.stats import NormStats, compute_stats
+from cmkd.data.stream import iter_samples
 from cmkd.data.writer import DatasetWriter, ShardWriter, WriterError
 from tones import SR, tone
 
@@ -155,15 +156,19 @@ def test_single_label_and_duplicate_keys_are_rejected(tmp_path):
     w.close()
 
 
-def test_stale_manifest_is_removed_before_rewriting(tmp_path, write_tones):
+def test_rewriting_keeps_the_old_dataset_until_the_new_manifest_is_published(tmp_path, write_tones):
     root = str(tmp_path)
-    write_tones(root, {"train": [("a", ["dog"], 0.2)]}, classes=CLASSES)
-    assert os.path.exists(tmp_path / "dataset.json")
+    write_tones(root, {"train": [("a", ["dog"], 0.2), ("c", ["dog"], 0.2)]}, classes=CLASSES)
+    old = Manifest.load(root)
     ds = DatasetWriter(root, name="x", classes=CLASSES, multilabel=True, sample_rate=SR, clip_seconds=0.5)
-    assert not os.path.exists(tmp_path / "dataset.json")  # old manifest no longer vouches for the shards
     ds.write("train", "b", tone(300, 0.2), ["cat"])
+    ds.split("train")._finish_shard()  # the new shard is on disk, under a name the old manifest does not use
+    assert Manifest.load(root).splits["train"] == old.splits["train"]
+    assert [s["key"] for s in iter_samples(old.shard_urls("train"), sample_rate=SR)] == ["a", "c"]
     ds.close()
-    assert Manifest.load(root).splits["train"].samples == 1
+    new = Manifest.load(root)
+    assert new.splits["train"].samples == 1 and new.splits["train"].shards != old.splits["train"].shards
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == sorted(os.path.basename(u) for u in new.shard_urls("train"))
 
 
 def test_norm_stats_match_direct_fbank(tmp_path):

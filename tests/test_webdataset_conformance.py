@@ -141,7 +141,7 @@ def test_hf_datasets_loads_cmkd_shards_offline(tmp_path: Path, monkeypatch: pyte
     from cmkd.data.stream import iter_records
 
     _cmkd_dataset(tmp_path / "ds")
-    urls = Manifest.load(str(tmp_path / "ds")).shard_urls("train")
+    urls = list(Manifest.load(str(tmp_path / "ds")).shard_urls("train"))  # a lazy Sequence; datasets wants a list
     features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
                                   "flac": datasets.Value("binary"),
                                   "json": {"labels": datasets.List(datasets.Value("string")),

@@ -15,8 +15,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cmkd.data.recipes import RecipeError
     from cmkd.data.stream import SampleError, ShardError
     from cmkd.data.writer import WriterError
+    from cmkd.storage import StorageError
 
-    return (RecipeError, ManifestError, WriterError, AudioError, ShardError, SampleError, FileNotFoundError, PermissionError)
+    return (RecipeError, ManifestError, WriterError, AudioError, ShardError, SampleError, FileNotFoundError, PermissionError,
+            StorageError)
+
+
+OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--workers), smaller shards "
+                 "(--shard-max-mb) or a machine with more RAM; no dataset.json was published, so rerun to start over")
 
 
 def prepare(
@@ -77,8 +83,11 @@ def prepare(
         run_prepare(recipe, src, dest, options, **recipe_options)
     except _user_errors() as err:
         fail(str(err))
+    except MemoryError:
+        fail(OUT_OF_MEMORY)
     except KeyboardInterrupt:
-        fail("interrupted: no dataset.json was published at DEST; run the same command again to start over", code=130)
+        fail("interrupted: no new dataset.json was published at DEST (an old dataset there is unchanged); run the "
+             "same command again to start over", code=130)
 
 
 def _adopt(src: str, dest: str, given: dict) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ Ident = tuple[int, int, int]  # (url index, draw number, record index within tha
 
 
 class StreamCursor:
-    def __init__(self, urls: list[str], read: Callable[[str], Iterable[Record]], decoder: Any, *,
+    def __init__(self, urls: Sequence[str], read: Callable[[str], Iterable[Record]], decoder: Any, *,
                  rng: np.random.Generator, gen: torch.Generator, buffer_size: int, balance: Any, max_streak: int):
         self.urls, self.read, self.decoder = urls, read, decoder
         self.rng, self.gen = rng, gen

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 
 from cmkd.data.members import FORMAT_VERSION, FORMAT_VERSIONS
+from cmkd.data.shardlist import DEFAULT_MAX_SHARDS  # noqa: F401 (re-exported)
+from cmkd.data.shardlist import PatternError, ShardUrls, check_pattern, parse
 
 MANIFEST_NAME = "dataset.json"
 
@@ -77,8 +78,13 @@ class Manifest:
     def clip_samples(self) -> int:
         return int(round(self.clip_seconds * self.sample_rate))
 
-    def shard_urls(self, split: str, root: str | None = None) -> list[str]:
-        """Absolute shard URLs of ``split`` under ``root`` (default: where it was loaded from)."""
+    def shard_urls(self, split: str, root: str | None = None, *, max_shards: int | None = None) -> Sequence[str]:
+        """Absolute shard URLs of ``split`` under ``root`` (default: ``base`` if set, else where it
+        was loaded from).
+
+        A lazy sequence (names are built when indexed); more than ``max_shards`` (default
+        :data:`DEFAULT_MAX_SHARDS`, or ``CMKD_MAX_SHARDS``) is refused with a ManifestError.
+        """
         base = root if root is not None else (self.base or self.root)
         if base is None:
             raise ManifestError(
@@ -89,7 +95,11 @@ class Manifest:
                 f"manifest {self.name!r} at {base}: no split {split!r}; it has {sorted(self.splits)}. "
                 f"Pick one of those or re-run `cmkd prepare` with that split"
             )
-        return [join_url(base, name) for name in brace_expand(self.splits[split].shards)]
+        where = join_url(self.root, MANIFEST_NAME) if self.root else base
+        try:
+            return ShardUrls(base, self.splits[split].shards, max_shards=max_shards, where=f"{where} split {split!r}")
+        except PatternError as err:
+            raise ManifestError(str(err)) from None
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, where: str | None = None) -> None:
@@ -120,7 +130,7 @@ class Manifest:
             if not isinstance(split.shards, str) or not split.shards:
                 raise bad(f"splits.{name}.shards", "must be a non-empty brace pattern like 'train-{000000..000003}.tar'")
             try:
-                brace_expand(split.shards)
+                check_pattern(split.shards)  # counted, not expanded; names must stay under the root
             except ValueError as err:
                 raise bad(f"splits.{name}.shards", str(err)) from None
             if not isinstance(split.samples, int) or split.samples < 0:
@@ -247,18 +257,28 @@ def join_url(root: str, name: str) -> str:
 
 def write_bytes_atomic(url: str, payload: bytes, *, storage_options: dict[str, Any] | None = None) -> None:
     """Local: temp file + rename so readers never see half a file. Object stores: one put is atomic."""
+    from cmkd import storage
+
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if _is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise storage.failure(url, "write", err) from err
     else:
-        with fsspec.open(url, "wb", **(storage_options or {})) as f:
-            f.write(payload)
+        def put() -> None:
+            with fsspec.open(url, "wb", **(storage_options or {})) as f:
+                f.write(payload)
+
+        storage.retrying(url, "write", put)  # retried like shard reads
 
 
 def _is_local(fs: Any) -> bool:
@@ -267,54 +287,15 @@ def _is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+def brace_expand(pattern: str, limit: int = 1_000_000) -> list[str]:
+    """Expand ``a-{000..002}.tar`` and ``{x,y}.tar`` (nested and repeated braces allowed) into a list.
 
-
-def brace_expand(pattern: str) -> list[str]:
-    """Expand ``a-{000..002}.tar`` and ``{x,y}.tar`` (nested and repeated braces allowed)."""
-    start = pattern.find("{")
-    if start < 0:
-        if "}" in pattern:
-            raise ValueError(f"unbalanced '}}' in shard pattern {pattern!r}")
-        return [pattern]
-    depth, end = 0, -1
-    for i in range(start, len(pattern)):
-        if pattern[i] == "{":
-            depth += 1
-        elif pattern[i] == "}":
-            depth -= 1
-            if depth == 0:
-                end = i
-                break
-    if end < 0:
-        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
-    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    match = _RANGE.match(body)
-    if match:
-        lo_s, hi_s = match.groups()
-        lo, hi = int(lo_s), int(hi_s)
-        if hi < lo:
-            raise ValueError(f"descending range {{{body}}} in shard pattern {pattern!r}")
-        width = len(lo_s) if lo_s.startswith("0") and len(lo_s) > 1 else 0
-        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
-    else:
-        options = _split_top_level(body)
-    tails = brace_expand(tail)
-    return [h + t for opt in options for h in brace_expand(head + opt) for t in tails]
-
-
-def _split_top_level(body: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in body:
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        depth += ch == "{"
-        depth -= ch == "}"
-        cur += ch
-    parts.append(cur)
-    return parts
+    For small patterns only (at most ``limit`` names); datasets use the lazy :class:`ShardUrls`.
+    """
+    node = parse(pattern)
+    if node.count > limit:
+        raise ValueError(f"shard pattern {pattern!r} names {node.count:,} shards, more than {limit:,} to list")
+    return [node.item(i) for i in range(node.count)]
 
 
 def shard_pattern(prefix: str, count: int, *, width: int = 6, suffix: str = ".tar") -> str:

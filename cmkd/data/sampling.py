@@ -96,7 +96,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     worker ``p`` plays logical worker ``(p + start_step) % workers``.
     """
 
-    def __init__(self, urls: list[str], read: ReadShard, decoder: Any, *, batch_size: int, steps: int, seed: int,
+    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, steps: int, seed: int,
                  epoch: int, rank: int, shuffle_buffer: int, balance: BalancedRejection | None, split_samples: int,
                  start_step: int = 0, resume: dict[int, str] | None = None):
         self.urls, self.read, self.decoder = urls, read, decoder
@@ -139,7 +139,7 @@ class EvalStream(torch.utils.data.IterableDataset):
     g, g+c_j, ... — every record exactly once, each shard read about S/N times.
     """
 
-    def __init__(self, urls: list[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int, world_size: int):
+    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int, world_size: int):
         self.urls, self.read, self.decoder = urls, read, decoder
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 

@@ -29,6 +29,7 @@ from cmkd.audio.io import AudioError, load_audio
 from cmkd.data.labels import LabelProblem, LabelSpec, raw_labels, resolve_labels
 from cmkd.data.manifest import Manifest, ManifestError
 from cmkd.data.members import AUDIO_FIELDS, FORMAT_VERSION, find_audio_field, member_splitter, split_member
+from cmkd.data.shardlist import Chained
 from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
 from cmkd.registry import datasets
 
@@ -88,6 +89,10 @@ class SampleError(ValueError):
 
 
 RETRY = "read_retry"  # SkipCounter key of retried storage reads
+# Far above any real clip (10 s of 48 kHz stereo float WAV is 4 MB); a bigger member is junk
+# or an attack, and reading it would cost its size in RAM in every worker.
+DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
+_OVERSIZE = "__oversize__"
 
 # Errors of the tar format itself: the data is there but broken, a re-read gives the same bytes.
 _CORRUPT_TAR = (tarfile.ReadError, EOFError)
@@ -112,13 +117,24 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 
 def iter_tar_records(fileobj: Any, url: str = "<stream>",
-                     split_name: Callable[[str], tuple[str, str]] = split_member) -> Iterator[dict[str, Any]]:
+                     split_name: Callable[[str], tuple[str, str]] = split_member, *,
+                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, skipped: "SkipCounter | None" = None,
+                     mark_oversize: bool = False) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members by key: ``{"__key__", "__url__", "<field>": bytes, ...}``.
 
     ``split_name`` turns a member name into (key, field): WebDataset's first-dot rule, or the
     last-dot rule of format-1 shards (cmkd/data/members.py). A key seen earlier in the shard, or
     a field repeated within a record, marks the record ``__duplicate__`` (the decoder reports it).
+    A member larger than ``max_member_bytes`` (its size is in the tar header) is never read:
+    its whole record is dropped and counted in ``skipped`` as kind "oversize" (with
+    ``mark_oversize`` it is yielded as ``{"__key__", "__url__", "__oversize__": message}`` instead).
     """
+    def emit(record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if not record.get(_OVERSIZE) or mark_oversize:
+            yield record
+        else:
+            (skipped if skipped is not None else SkipCounter()).record(SampleError(record[_OVERSIZE], "oversize"))
+
     current: dict[str, Any] | None = None
     seen: set[str] = set()
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
@@ -127,20 +143,29 @@ def iter_tar_records(fileobj: Any, url: str = "<stream>",
                 continue
             key, ext = split_name(member.name)
             if current is not None and current["__key__"] != key:
-                yield current  # before reading on: a shard cut short inside the next member keeps this one
+                yield from emit(current)  # before reading on: a shard cut short inside the next member keeps this one
                 current = None
-            handle = tar.extractfile(member)
-            payload = handle.read() if handle is not None else b""
             if current is None:
                 current = {"__key__": key, "__url__": url}
                 if key in seen:
                     current["__duplicate__"] = True
                 seen.add(key)
+            if member.size > max_member_bytes:
+                # Not extracted: the stream skips the body in small blocks when it moves on.
+                current.setdefault(_OVERSIZE, (
+                    f"{url} key {key!r}: member {member.name!r} is {member.size / 2**20:.0f} MB, above the "
+                    f"{max_member_bytes / 2**20:g} MB limit; the sample is skipped (raise "
+                    f"datasets.webdataset.max_member_mb if it is real)"))
+                continue
+            if current.get(_OVERSIZE):
+                continue
+            handle = tar.extractfile(member)
+            payload = handle.read() if handle is not None else b""
             if ext in current:
                 current["__duplicate__"] = True
             current[ext] = payload
     if current is not None:
-        yield current
+        yield from emit(current)
 
 
 def iter_shard(
@@ -152,6 +177,7 @@ def iter_shard(
     opener: Callable[[str], Any] | None = None,
     on_error: str = "raise",
     skipped: "SkipCounter | None" = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     split_name: Callable[[str], tuple[str, str]] = split_member,
 ) -> Iterator[dict[str, Any]]:
     """Records of one shard. A transient read error reopens the shard after an exponential
@@ -169,9 +195,14 @@ def iter_shard(
         index = 0
         try:
             with open_(url) as fh:
-                for record in iter_tar_records(fh, url, split_name):
-                    if index >= done:
-                        yield record
+                for record in iter_tar_records(fh, url, split_name, max_member_bytes=max_member_bytes,
+                                               mark_oversize=True):
+                    if index >= done:  # oversize records count here too: a reopen skips them like the rest
+                        if _OVERSIZE in record:
+                            (skipped if skipped is not None else SkipCounter()).record(
+                                SampleError(record[_OVERSIZE], "oversize"))
+                        else:
+                            yield record
                         done += 1
                         failures = 0
                         last_key = record["__key__"]
@@ -220,14 +251,16 @@ class SkipCounter(Counter):
 
     Kinds: "audio" (undecodable), "empty" (0 frames), "nan" (NaN/Inf samples), "incomplete"
     (no .json or no audio member), "metadata" (bad JSON), "label" (unknown label), "shard"
-    (truncated/corrupt tar: the rest of the shard). It also counts ``RETRY``: storage reads
+    (truncated/corrupt tar: the rest of the shard), "oversize" (a member above the size cap,
+    skipped unread whatever ``on_error`` says). It also counts ``RETRY``: storage reads
     retried after a transient error (nothing skipped). A DataLoader worker counts in its own
     copy; the training stream carries each batch's new counts in ``batch["skipped"]``.
     """
 
     def record(self, err: SampleError) -> None:
         if not any(kind != RETRY for kind in self):
-            warnings.warn(f"skipping unusable samples (on_error='skip'); first: {err}", stacklevel=3)
+            why = "oversize shard members are always skipped" if err.kind == "oversize" else "on_error='skip'"
+            warnings.warn(f"skipping unusable samples ({why}); first: {err}", stacklevel=3)
         self[err.kind] += 1
 
 
@@ -358,11 +391,15 @@ class ShardDataset:
     def __init__(self, root: str, *, train_split: str | Sequence[str] = "train", eval_split: str | None = None, num_workers: int = 2,
                  shuffle_buffer: int = 256, balanced: bool = False, balanced_max_labels: int | None = None,
                  retries: int = 5, backoff: float = 0.5, on_error: str = "raise", prefetch_factor: int = 2,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, max_shards: int | None = None,
+                 max_member_mb: float = DEFAULT_MAX_MEMBER_BYTES / 2**20):
         if on_error not in ON_ERROR:
             raise ValueError(f"webdataset(on_error={on_error!r}): use one of {ON_ERROR}")
         if num_workers < 0 or retries < 0:
             raise ValueError(f"webdataset: num_workers and retries must be >= 0, got {num_workers}, {retries}")
+        if not max_member_mb > 0 or (max_shards is not None and max_shards < 1):
+            raise ValueError(f"webdataset: max_member_mb and max_shards must be positive, got {max_member_mb}, {max_shards}")
+        self.max_shards, self.max_member_bytes = max_shards, int(max_member_mb * 2**20)
         self.storage_options = dict(storage_options or {})
         self.manifest = Manifest.load(root, storage_options=self.storage_options)
         self.root: str = self.manifest.root  # type: ignore[assignment]
@@ -411,6 +448,7 @@ class ShardDataset:
         # A partial (not a lambda) so the stream pickles for spawn-started workers.
         return functools.partial(iter_shard, retries=self.retries, backoff=self.backoff,
                                  storage_options=self.storage_options, on_error=self.on_error, skipped=self.skipped,
+                                 max_member_bytes=self.max_member_bytes,
                                  split_name=member_splitter(self.manifest.format_version))
 
     @property
@@ -435,7 +473,8 @@ class ShardDataset:
         that never stopped.
         """
         _check_rank(rank, world_size)
-        urls = [url for s in self.train_splits for url in self.manifest.shard_urls(s)]
+        # Lazy: a split's names are built when a reader draws them, never listed whole.
+        urls = Chained([self.manifest.shard_urls(s, max_shards=self.max_shards) for s in self.train_splits])
         slots = world_size * max(1, self.num_workers)
         if len(urls) < slots and not self._warned_few_shards:
             self._warned_few_shards = True
@@ -459,7 +498,7 @@ class ShardDataset:
         if split is None:
             raise ManifestError(f"{self.root}: no eval split (looked for {EVAL_SPLIT_NAMES}); "
                                 f"it has {sorted(self.manifest.splits)}. Set eval_split=")
-        stream = EvalStream(self.manifest.shard_urls(split), self._reader(), self._decoder("start"),
+        stream = EvalStream(self.manifest.shard_urls(split, max_shards=self.max_shards), self._reader(), self._decoder("start"),
                             batch_size=batch_size, rank=rank, world_size=world_size)
         return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                       what=f"eval loader of {self.root} (rank {rank})")
@@ -497,6 +536,8 @@ def webdataset(
     balanced_max_labels: int | None = None,
     backoff: float = 0.5,
     storage_options: dict[str, Any] | None = None,
+    max_shards: int | None = None,
+    max_member_mb: float = DEFAULT_MAX_MEMBER_BYTES / 2**20,
 ) -> ShardDataset:
     """Tar shards + dataset.json at any fsspec URL, streamed by DataLoader workers.
 
@@ -504,8 +545,10 @@ def webdataset(
     ``eval_split=None`` picks "eval", "val" or "test", whichever exists first. ``balanced``
     turns on AudioSet-style balanced sampling (see :class:`BalancedRejection`).
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3).
+    ``max_shards`` caps a split's shard count (default 100 000 or ``CMKD_MAX_SHARDS``);
+    ``max_member_mb`` skips (and counts as "oversize") shard members larger than this.
     """
     return ShardDataset(root, train_split=train_split, eval_split=eval_split, num_workers=num_workers,
                         shuffle_buffer=shuffle_buffer, balanced=balanced, balanced_max_labels=balanced_max_labels,
                         retries=retries, backoff=backoff, on_error=on_error, prefetch_factor=prefetch_factor,
-                        storage_options=storage_options)
+                        storage_options=storage_options, max_shards=max_shards, max_member_mb=max_member_mb)

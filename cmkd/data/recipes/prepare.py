@@ -212,17 +212,17 @@ def _ordered_clips(plan: Plan, seed: int) -> list[Clip]:
 
 def load_job(job: tuple[str, int, int, str, bool]) -> tuple[Any, str | None]:
     """Decode one source file to a float32 mono numpy wave; ``(None, why)`` if it cannot be used."""
-    from cmkd.audio.io import AudioError, crop_or_pad, load_audio
+    from cmkd.audio.io import AudioError, crop_or_pad, load_audio, read_window
 
     path, sample_rate, length, crop, pad = job
     try:
-        wave = load_audio(path, sample_rate=sample_rate)
+        # A crop reads only its frames (a seek): a 30-min file costs a clip's memory, not the file's.
+        wave = (load_audio(path, sample_rate=sample_rate) if crop == "none"
+                else read_window(path, sample_rate=sample_rate, length=length, crop=crop, name=path))
     except AudioError as err:
         return None, _reason(str(err), path)
     except OSError as err:
         return None, f"cannot read the file ({type(err).__name__}: {err})"
-    if crop != "none" and wave.shape[0] > length:
-        wave = crop_or_pad(wave, length, mode=crop)
     if pad and wave.shape[0] < length:
         wave = crop_or_pad(wave, length)
     return wave.numpy(), None
@@ -233,10 +233,34 @@ def _reason(message: str, path: str) -> str:
     return message[len(path) + 2:] if message.startswith(path + ": ") else message
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # the processes are the parallelism; threads would oversubscribe the cores
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A decode worker must not outlive `cmkd prepare` (a SIGKILLed parent runs no cleanup)."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1  # the kernel kills us when the thread that started us ends
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took hold
+        os._exit(1)
+
+    def watch() -> None:  # elsewhere (and as a second line of defence): poll the parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cmkd-parent-watch").start()
 
 
 def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
@@ -250,7 +274,8 @@ def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn: forking a process that already ran torch ops can deadlock in its thread pools.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
     try:
         it: Iterable[Any] = iter(jobs)
         window = deque(pool.submit(fn, job) for _, job in zip(range(4 * workers), it))
