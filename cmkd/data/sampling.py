@@ -39,7 +39,8 @@ class BalancedRejection:
     def __init__(self, label_counts: Sequence[int], max_labels: int | None = None):
         counts = np.asarray(label_counts, dtype=np.float64)
         if counts.ndim != 1 or counts.size == 0 or (counts < 0).any():
-            raise ValueError(f"BalancedRejection: label_counts must be non-negative per-class counts, got {label_counts!r}")
+            raise ValueError("BalancedRejection: label_counts must be non-negative per-class counts, "
+                             f"got {label_counts!r}")
         if not (counts > 0).any():
             raise ValueError("BalancedRejection: every class count is 0; the training split has no labels to balance")
         # A class never seen in training cannot occur in a training clip; weight 0 keeps the bound tight.
@@ -139,7 +140,8 @@ class EvalStream(torch.utils.data.IterableDataset):
     g, g+c_j, ... — every record exactly once, each shard read about S/N times.
     """
 
-    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int, world_size: int):
+    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int,
+                 world_size: int):
         self.urls, self.read, self.decoder = urls, read, decoder
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
@@ -218,4 +220,5 @@ class Loader:
             n += 1
             yield batch
         if self.length is not None and n != self.length:
-            raise RuntimeError(f"{self.what}: produced {n} batches instead of {self.length}; this is a bug in cmkd.data")
+            raise RuntimeError(f"{self.what}: produced {n} batches instead of {self.length}; "
+                               "this is a bug in cmkd.data")

@@ -173,9 +173,7 @@ class TeacherLogits:
 
 def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a .npy declares, read from its first bytes (never the rows)."""
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
+    with storage.open_file(url, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
