@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from study import plot, stats
-from study.results import (Cell, budgets, collect, count, findings, ladder, probe_runs_text, probe_scores,
-                           train_seconds, vs_baseline)
+from study.results import (
+    Cell,
+    budgets,
+    collect,
+    count,
+    findings,
+    ladder,
+    probe_runs_text,
+    probe_scores,
+    train_seconds,
+    vs_baseline,
+)
 from study.runs import Group, fmt_time
 from study.setup import CELLS, MODEL, REPO, SIZES, TAU_HIGH
 
@@ -33,7 +43,8 @@ def machine() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}; "
+    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, "
+            f"torch {torch.__version__}; "
             "each `cmkd run` on 1 thread, niced")
 
 
@@ -83,7 +94,8 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
 
 def cell_table(cells: dict[str, Cell], k: int) -> list[str]:
     L = [f"| cell | student | accuracy % (mean ± sd of last-{k} means) | runs | − same model alone (pp, paired) "
-         "| SE of that difference (pp) | ≤ 2 pp? | runs for SE 2 pp | − its teacher (pp, paired) | train time per run |",
+         "| SE of that difference (pp) | ≤ 2 pp? | runs for SE 2 pp | − its teacher (pp, paired) "
+         "| train time per run |",
          "|---" * 10 + "|"]
     for stage, (label, cls, teacher, _) in CELLS.items():
         c = cells.get(stage)
@@ -150,7 +162,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"work (load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}).",
           f"- **Wall time:** {fmt_time(wall.get('last_end', time.time()) - wall['first_start'])} from the study's "
           f"first start to its last run or to now ({wall['invocations']} finished invocation(s), which ran "
-          f"{fmt_time(wall['running'])}; one still running is not in that count); {fmt_time(secs)} of training summed over the finished stage runs.",
+          f"{fmt_time(wall['running'])}; one still running is not in that count); "
+          f"{fmt_time(secs)} of training summed over the finished stage runs.",
           "- **No pretrained weights** (nothing can be downloaded here): every model starts from random weights; "
           "the paper starts both from ImageNet.", ""]
     L += probe_section(probe, chosen, args.budget)
@@ -167,7 +180,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **Models:** CNN `{m['cnn']}` (Adam lr {m['cnn_lr']}); AST patches 16×16 stride 10, embed "
           f"{m['ast_dim']}, depth {m['ast_depth']}, {m['ast_heads']} heads (Adam lr {m['ast_lr']}). Batch 32, cosine "
           f"schedule, {m['warmup_epochs']} warm-up epochs, the dataset's budget for every stage.",
-          f"- **KD:** `strategies.logit_kd` (λ = {m['lam']}, τ on the teacher's logits only), τ = 1 and τ = {TAU_HIGH}; "
+          f"- **KD:** `strategies.logit_kd` (λ = {m['lam']}, τ on the teacher's logits only), "
+          f"τ = 1 and τ = {TAU_HIGH}; "
           "the teacher is its stage's last checkpoint of the same run (same split and seed).",
           "- **Score of a run:** the mean eval accuracy over its last k epochs (k = 10 % of the budget); no epoch "
           "is picked on the eval split. Paired differences compare runs of the same split and seed; their "
@@ -222,7 +236,8 @@ def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
     for ds, epochs in left.items():
         rate = statistics.fmean(per_epoch[ds]) if per_epoch.get(ds) else None
         cpu += epochs * rate if rate else 0.0
-        parts.append(f"{NAMES[ds]} {epochs} stage-epochs" + (f" at {rate:.1f} s each (measured so far)" if rate else ""))
+        each = f" at {rate:.1f} s each (measured so far)" if rate else ""
+        parts.append(f"{NAMES[ds]} {epochs} stage-epochs{each}")
     grid_note = "" if grid else " (the probe only: the grid's size is known once the budgets are)"
     return (f"**Left to train:** {'; '.join(parts)}{grid_note} ≈ {fmt_time(cpu)} of process time, about "
             f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load).")
@@ -248,7 +263,8 @@ def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[st
         lines += ["**The grid is not finished;** the numbers below are from the runs finished so far. (The earlier "
                   "study, 20 epochs on ESC-10 and 12 on FSDD, stopped while the AST was still underfitting; its "
                   "tables are in the git history of results.md.)", ""]
-    lines += ["| data | epochs | cell | runs | accuracy % | − same model alone (pp ± SE) |", "|---|---|---|---|---|---|"]
+    lines += ["| data | epochs | cell | runs | accuracy % | − same model alone (pp ± SE) |",
+              "|---|---|---|---|---|---|"]
     for ds, cells in results.items():
         for stage, c in cells.items():
             m = statistics.fmean(c.scores.values())

@@ -1,7 +1,7 @@
 """``cmkd stats``: recompute a prepared dataset's normalization statistics, with progress.
 
-Same numbers as :func:`cmkd.data.stats.compute_stats` (the same NormStats over the same decoded
-clips), but over one or several splits pooled, with a progress bar for long streams.
+The same :class:`cmkd.data.stats.NormStats` the writer keeps while preparing, over the decoded
+clips of one or several splits pooled, with a progress bar for long streams.
 """
 
 from __future__ import annotations
