@@ -51,13 +51,13 @@ from _reference import (  # noqa: E402
 import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
 from cmkd.audio.augment import Mixup, SpecAugment  # noqa: E402
 from cmkd.audio.features import Fbank  # noqa: E402
+from cmkd.device import autocast  # noqa: E402
 from cmkd.distill.losses import BCE  # noqa: E402
 from cmkd.distill.offline import save_teacher_logits  # noqa: E402
 from cmkd.models.classifier import build_classifier  # noqa: E402
 from cmkd.registry import backbones, heads, strategies  # noqa: E402
-from cmkd.train.evaluate import autocast  # noqa: E402
-from cmkd.train.loop import DataWait, compile_models  # noqa: E402
 from cmkd.train.optim import build_optimizer  # noqa: E402
+from cmkd.train.pipeline import DataWait, compile_models  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     # The paper's: EfficientNet-B2, AST-base (DeiT-base 768/12/12, stride 10), 10 s → 128 × 1024,
@@ -227,7 +227,7 @@ def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], de
 def cmkd_step(student: nn.Module, strat: Any, optimizer: torch.optim.Optimizer, featurizer: nn.Module,
               specaug: SpecAugment, mix: Mixup | None, holder: dict[str, Any],
               device: torch.device) -> Callable[[], float]:
-    """The body of cmkd.train.loop.train's step, as it ships (kept in step with it by tests)."""
+    """The body of cmkd.train.trainer.Trainer.step, as it ships (kept in step with it by tests)."""
     gen = torch.Generator().manual_seed(0)
     student.train()
 

@@ -8,39 +8,17 @@ from typing import List, Optional
 
 import typer
 
+from cmkd.commands.common import OUT_OF_MEMORY, USER_ERRORS, exit_code, fail, fail_verbatim, message
+
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Audio classifiers with CNN/Transformer cross-model knowledge distillation (CMKD).",
 )
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors users can fix: printed as one clear message (exit code 2), not a traceback."""
-    from cmkd.audio.io import AudioError
-    from cmkd.config import ConfigError
-    from cmkd.data.manifest import ManifestError
-    from cmkd.data.stream import SampleError, ShardError
-    from cmkd.registry import RegistryError
-    from cmkd.storage import StorageError
-    from cmkd.train.checkpoint import CheckpointError
-    from cmkd.train.distributed import DistributedSetupError
-    from cmkd.train.loop import TrainingError
-
-    return (ConfigError, RegistryError, CheckpointError, TrainingError, AudioError, FileNotFoundError,
-            DistributedSetupError, ManifestError, ShardError, SampleError, StorageError)
-
-
-OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
-                 "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
-
-
-def fail(message: str, code: int = 2) -> None:
-    from cmkd.train.progress import console
-
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
 
 @app.command()
 def run(
@@ -60,11 +38,11 @@ def run(
         return
     # A restarted elastic worker must pick up where the failed attempt left off.
     resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    from cmkd import components, config
+    from cmkd import config, plugins
     from cmkd.experiment import run_experiment
     from cmkd.train import distributed
 
-    components.load_all()
+    plugins.load_all()
     try:
         text = config.parse(configs, bind)
         env = distributed.init(device)
@@ -74,23 +52,10 @@ def run(
                                                allow_config_change=allow_config_change, force_unlock=force_unlock)
         finally:
             distributed.shutdown()
-    except _user_errors() as err:
-        from rich.markup import escape  # config values in the message hold brackets ([...], [@...])
-
-        fail(escape(_message(err)))
+    except USER_ERRORS as err:  # config values in the message hold brackets ([...], [@...]): verbatim
+        fail_verbatim(message(err), exit_code(err))
     except MemoryError:
         fail(OUT_OF_MEMORY)
-
-
-def _message(err: BaseException) -> str:
-    """The error's own message: without the DataLoader worker's traceback text and without the
-    "In call to configurable 'train' (<function ...>)" lines gin appends on the way out."""
-    import re
-
-    from cmkd.data.stream import worker_error_message
-
-    return re.sub(r"\n\s*In call to configurable '[^']*' \([^\n]*\)(?: in scope '[^']*')?", "",
-                  worker_error_message(err))
 
 
 def _launch_local(nproc: int, max_restarts: int = 0) -> None:
@@ -130,11 +95,11 @@ def registry(kind: Optional[str] = typer.Argument(None, help="one kind, e.g. bac
     """List every registered component and where it came from (plugins included)."""
     from rich.table import Table
 
-    from cmkd import components
+    from cmkd import plugins
     from cmkd.registry import REGISTRIES
-    from cmkd.train.progress import out
+    from cmkd.console import out
 
-    plugins = components.load_all()
+    statuses = plugins.load_all()
     kinds = [kind] if kind else list(REGISTRIES)
     for k in kinds:
         if k not in REGISTRIES:
@@ -147,7 +112,7 @@ def registry(kind: Optional[str] = typer.Argument(None, help="one kind, e.g. bac
         for e in REGISTRIES[k].entries():
             t.add_row(e.name, f"@{k}.{e.name}", e.origin, e.doc)
         out.print(t)
-    for p in plugins:
+    for p in statuses:
         if p.error:
             out.print(f"[yellow]plugin {p.name!r} ({p.module} from {p.distribution}) failed to load:[/] {p.error}")
 

@@ -14,23 +14,13 @@ from typing import Iterator, Sequence
 
 import gin
 
+from cmkd import saved_config
+from cmkd.errors import ConfigError, ImportNotAllowed  # noqa: F401 - ImportNotAllowed: re-exported, its old home
 from cmkd.registry import REGISTRIES
+from cmkd.saved_config import ALLOW_IMPORT_ENV  # noqa: F401 - re-exported: its old home
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
 _UNKNOWN_REF = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+)'")
-
-
-class ConfigError(ValueError):
-    """A gin file or binding is wrong; the message names the file and line."""
-
-
-class ImportNotAllowed(ConfigError):
-    """A saved config (in a checkpoint or a run folder) imports a module the user did not name."""
-
-
-# Modules a saved config may import besides the plugins' and the user's gin files' (comma-separated);
-# never enough for dynamic registration or a configurable outside cmkd and its plugins (saved_config.py).
-ALLOW_IMPORT_ENV = "CMKD_ALLOW_IMPORT"
 
 
 def recipes_dir() -> Path:
@@ -107,8 +97,6 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
             gin.parse_config(binding)
         except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as err:
             raise ConfigError(f"in --bind {binding!r}: {_suggest_parameter(_explain(err))}") from None
-    from cmkd import saved_config
-
     # Modules the user's gin files named: checkpoints this process wrote may import them again.
     saved_config.user_imports.update(st.module for st in gin.config._IMPORTS)  # noqa: SLF001
     return gin.config_str()
@@ -203,8 +191,6 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
     member) while another experiment's config is active. The config is someone else's data:
     it must pass :func:`cmkd.saved_config.check` (``source`` names it in errors).
     """
-    from cmkd import saved_config  # late: it imports this module's errors
-
     saved_config.check(config_text, source)
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
     saved = (

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import gin
+from rich.markup import escape
 
-from cmkd import saved_config, storage
+import gin
+from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
-from cmkd.train import checkpoint, distributed
+from cmkd.console import console, out, table
+from cmkd.infer import report as run_report
+from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loop import StageContext, TrainingError, train
-from cmkd.train.progress import console, out, table
+from cmkd.train.loop import check as check_stage
 
 
 @gin.configurable("experiment")
@@ -65,31 +69,13 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv, r
     if not exp.stages:
         raise ValueError("experiment.stages is empty; list at least one stage, e.g. ['teacher', 'student']")
 
-    def resolve_teacher(ref: str, which: str = "best") -> str:
-        if ref not in exp.stages:
-            raise ValueError(
-                f"teacher {ref!r} is neither a stage of experiment {exp.name!r} ({list(exp.stages)}) "
-                f"nor a checkpoint path ending in .pt"
-            )
-        url = checkpoint.stage_checkpoint(stage_dir(runs_root, exp.name, ref), which)
-        if not storage.exists(url) and finished_summary(stage_dir(runs_root, exp.name, ref)) is not None:
-            raise checkpoint.CheckpointError(
-                f"stage {ref!r} is marked finished but has no {which} checkpoint at {url} (deleted, or written by a cmkd "
-                f"that could lose it); delete {stage_dir(runs_root, exp.name, ref)} so {ref!r} is trained again")
-        if not storage.exists(url):
-            raise checkpoint.CheckpointError(
-                f"stage {ref!r} has no {which} checkpoint at {url}; list {ref!r} before this stage in "
-                f"experiment.stages so it is trained first"
-            )
-        return url
-
     if len(set(exp.stages)) != len(exp.stages):
         raise ConfigError(f"experiment.stages = {list(exp.stages)} names a stage twice; give each stage its own name")
     # Rank 0 decides for all: ranks that disagreed (a stale listing cache, a run folder not
     # shared between nodes) would enter different collectives and hang.
     finished = {stage: distributed.broadcast_object(
         env, finished_summary(stage_dir(runs_root, exp.name, stage)) if env.is_main else None) for stage in exp.stages}
-    preflight(exp, runs_root, config_text, env, finished, resolve_teacher)
+    preflight(exp, runs_root, config_text, env, finished)
 
     summaries: dict[str, dict[str, Any]] = {}
     for stage in exp.stages:
@@ -103,8 +89,7 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv, r
             summaries[stage] = done
             continue
         with _locked(env, directory, force_unlock):
-            summaries[stage] = _run_stage(exp, stage, directory, config_text, env, resolve_teacher, resume,
-                                          allow_config_change)
+            summaries[stage] = _run_stage(exp, runs_root, stage, config_text, env, resume, allow_config_change)
     if env.is_main:
         out.print(comparison_table(exp.name, summaries))
         write_run_report(storage.join(runs_root, exp.name), env.device)
@@ -127,9 +112,10 @@ def _locked(env: distributed.DistEnv, directory: str, force: bool) -> Iterator[N
         yield
 
 
-def _run_stage(exp: Experiment, stage: str, directory: str, config_text: str, env: distributed.DistEnv,
-               resolve_teacher: Any, resume: bool, allow_config_change: bool) -> dict[str, Any]:
+def _run_stage(exp: Experiment, runs_root: str, stage: str, config_text: str, env: distributed.DistEnv,
+               resume: bool, allow_config_change: bool) -> dict[str, Any]:
     """Train one stage whose folder this run holds (or reuse it, if another run finished it meanwhile)."""
+    directory = stage_dir(runs_root, exp.name, stage)
     done = distributed.broadcast_object(env, finished_summary(directory) if env.is_main else None)
     if done is not None:  # another run held the lock and finished the stage meanwhile
         if env.is_main:
@@ -147,7 +133,8 @@ def _run_stage(exp: Experiment, stage: str, directory: str, config_text: str, en
     if env.is_main and not partial:  # a resumed stage's config.gin changes only once its config is accepted
         storage.makedirs(directory)
         storage.write_text(storage.join(directory, "config.gin"), config_text)
-    ctx = StageContext(exp.name, stage, directory, config_text, env, resolve_teacher, resume=resume,
+    teachers = functools.partial(resolve_teacher, exp, runs_root, stage)
+    ctx = StageContext(exp.name, stage, directory, config_text, env, teachers, resume=resume,
                        allow_config_change=allow_config_change)
     with gin.config_scope(stage):
         return train(ctx)
@@ -168,35 +155,57 @@ def warn_if_settings_changed(directory: str, config_text: str, stage: str, shown
             f"experiment.name.", highlight=False)
 
 
+def resolve_teacher(exp: Experiment, runs_root: str, student: str, ref: str, which: str = "best",
+                    finished: dict[str, Any] | None = None) -> str | None:
+    """The checkpoint teacher ``ref`` of stage ``student`` names: a .pt path as is, else stage ``ref``'s
+    ``which`` (best, last, averaged) checkpoint. ``finished`` (the preflight, before any stage trains):
+    the stages already trained; one this run trains before ``student`` gives None (no file yet)."""
+    if ref.endswith(".pt"):
+        return ref
+    if ref not in exp.stages:
+        close = difflib.get_close_matches(ref, list(exp.stages), n=1)
+        raise ConfigError(
+            f"stage {student!r} names teacher {ref!r}, which is not a stage of experiment {exp.name!r} "
+            f"{list(exp.stages)}{f' (did you mean {close[0]!r}?)' if close else ''} nor a checkpoint path "
+            f"ending in .pt; fix the strategy's teacher(s) in the gin file")
+    if finished is not None and finished[ref] is None:
+        if exp.stages.index(ref) >= exp.stages.index(student):
+            raise ConfigError(
+                f"stage {student!r} learns from stage {ref!r}, which comes "
+                f"{'later' if ref != student else 'itself'} in experiment.stages = {list(exp.stages)}; "
+                f"list {ref!r} before {student!r}")
+        return None  # trained earlier in this run
+    directory = stage_dir(runs_root, exp.name, ref)
+    url = checkpoint.stage_checkpoint(directory, which)
+    if storage.exists(url):
+        return url
+    if which == "averaged" and storage.exists(checkpoint.stage_checkpoint(directory, "last")):
+        raise checkpoint.CheckpointError(
+            f"train.teacher_checkpoint = 'averaged' but teacher stage {ref!r} wrote no checkpoints/averaged.pt: "
+            f"set {ref}/train.average_last = N (the last N epochs) for that stage — and delete its run folder if it "
+            f"already finished, so it is retrained — or use train.teacher_checkpoint = 'best' or 'last'")
+    if finished_summary(directory) is not None:
+        raise checkpoint.CheckpointError(
+            f"stage {ref!r} is marked finished but has no {which} checkpoint at {url} (deleted, or written by a cmkd "
+            f"that could lose it); delete {directory} so {ref!r} is trained again")
+    raise checkpoint.CheckpointError(
+        f"stage {ref!r} has no {which} checkpoint at {url}; list {ref!r} before this stage in "
+        f"experiment.stages so it is trained first")
+
+
 def preflight(exp: Experiment, runs_root: str, config_text: str, env: distributed.DistEnv,
-              finished: dict[str, Any], resolve_teacher: Any) -> None:
+              finished: dict[str, Any]) -> None:
     """Check every stage that will train before the first one does, so a typo in the student's
     settings never costs the teacher's training: settings' types, datasets (opened), strategies
     (built), teachers (a stage listed earlier, or an existing checkpoint, with the same classes)."""
     seen: dict[str, dict[str, Any]] = {}
-    for index, stage in enumerate(exp.stages):
+    for stage in exp.stages:
         if finished[stage] is not None:
             continue
-
-        def resolve(ref: str, which: str = "best", index: int = index, stage: str = stage) -> str | None:
-            if ref not in exp.stages:
-                close = difflib.get_close_matches(ref, list(exp.stages), n=1)
-                raise ConfigError(
-                    f"stage {stage!r} names teacher {ref!r}, which is not a stage of experiment {exp.name!r} "
-                    f"{list(exp.stages)}{f' (did you mean {close[0]!r}?)' if close else ''} nor a checkpoint path "
-                    f"ending in .pt; fix the strategy's teacher(s) in the gin file")
-            if finished[ref] is not None:
-                return resolve_teacher(ref, which)  # trained before: its checkpoint must be there
-            if exp.stages.index(ref) >= index:
-                raise ConfigError(
-                    f"stage {stage!r} learns from stage {ref!r}, which comes {'later' if ref != stage else 'itself'} "
-                    f"in experiment.stages = {list(exp.stages)}; list {ref!r} before {stage!r}")
-            return None  # trained earlier in this run
-
-        ctx = StageContext(exp.name, stage, stage_dir(runs_root, exp.name, stage), config_text, env, resolve,
-                           extra={"preflight": True})
+        teachers = functools.partial(resolve_teacher, exp, runs_root, stage, finished=finished)
+        ctx = StageContext(exp.name, stage, stage_dir(runs_root, exp.name, stage), config_text, env, teachers)
         with gin.config_scope(stage):
-            seen[stage] = train(ctx)
+            seen[stage] = check_stage(ctx)
         for ref in seen[stage]["teachers"]:
             if ref in seen and seen[ref]["classes"] != seen[stage]["classes"]:
                 raise TrainingError(
@@ -208,12 +217,9 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        from cmkd.infer.report import write_report
-
-        console.print(f"report: {write_report(run_dir, device=device).markdown}", markup=False, highlight=False)
+        markdown = run_report.write_report(run_dir, device=device).markdown
+        console.print(f"report: {markdown}", markup=False, highlight=False)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
-        from rich.markup import escape
-
         console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)
 

@@ -15,11 +15,13 @@ from typing import Any, Callable, Iterator
 
 import gin
 
+from cmkd.errors import CmkdError
+
 # Set while a plugin module is imported, so its entries are attributed to the plugin.
 _current_origin: contextvars.ContextVar[str | None] = contextvars.ContextVar("cmkd_origin", default=None)
 
 
-class RegistryError(KeyError):
+class RegistryError(CmkdError, KeyError):
     """A registry lookup or registration went wrong; the message says what to do."""
 
     def __str__(self) -> str:  # KeyError would quote the message

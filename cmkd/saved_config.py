@@ -16,9 +16,16 @@ import os
 import re
 from typing import Iterable
 
+from gin import config as gin_config
 from gin import config_parser
 
-from cmkd.config import ALLOW_IMPORT_ENV, ConfigError, ImportNotAllowed
+from cmkd import plugins
+from cmkd.errors import ConfigError, ImportNotAllowed
+from cmkd.registry import REGISTRIES
+
+# Modules a saved config may import besides the plugins' and the user's gin files' (comma-separated);
+# never enough for dynamic registration or a configurable outside cmkd and its plugins.
+ALLOW_IMPORT_ENV = "CMKD_ALLOW_IMPORT"
 
 # gin's own configurables a saved config may use: macros (``NAME = value``, ``%NAME``) and the
 # singleton wrapper, which only calls another (checked) configurable.
@@ -50,16 +57,12 @@ def _under(module: str, roots: Iterable[str]) -> bool:
 
 
 def _trusted_roots() -> list[str]:
-    from cmkd.components import plugin_modules
-
-    return ["cmkd", *plugin_modules(), *sorted(user_imports), *_allowed_by_user()]
+    return ["cmkd", *plugins.plugin_modules(), *sorted(user_imports), *_allowed_by_user()]
 
 
 def _registered_component(found: object) -> bool:
     """A component in one of cmkd's registries (``@strategies.x``): code the process itself chose to
     register as a cmkd component — cmkd, a plugin, or the caller's own Python — never gin's dynamic kind."""
-    from cmkd.registry import REGISTRIES
-
     kind, name = getattr(found, "module", None), getattr(found, "name", None)
     if kind not in REGISTRIES or name not in REGISTRIES[kind]:
         return False
@@ -78,11 +81,7 @@ def check(config_text: str, source: str = "a saved gin config") -> None:
     imported in this process, and those in ``$CMKD_ALLOW_IMPORT``. ``__gin__`` imports (dynamic
     registration) are never allowed, whatever the environment says.
     """
-    from gin import config as gin_config
-
-    from cmkd import components
-
-    components.load_all()  # plugin components register themselves on import: a saved config needs no import line
+    plugins.load_all()  # plugin components register themselves on import: a saved config needs no import line
     recorder = _Recorder()
     try:
         statements = []

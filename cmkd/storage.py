@@ -18,6 +18,8 @@ from typing import Any, Callable, TypeVar
 import fsspec
 import gin
 
+from cmkd.errors import CmkdError
+
 T = TypeVar("T")
 
 # Object-store writes are retried like shard reads (datasets.webdataset.retries / backoff
@@ -30,7 +32,7 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _NO_RIGHT = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class StorageError(OSError):
+class StorageError(CmkdError, OSError):
     """A write, move or delete that failed for good; the message names the URL and what to do."""
 
     def __str__(self) -> str:  # OSError's str() would prefix "[Errno N]"; the message says it already

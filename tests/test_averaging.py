@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from cmkd import components, config
 from cmkd.cli import app
+from cmkd.experiment import Experiment, resolve_teacher
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import build_frontend, load_model
 from cmkd.train import checkpoint
-from cmkd.train.averaging import LastEpochs, RunningMean, average_state_dicts, teacher_url
+from cmkd.train.averaging import LastEpochs, RunningMean, average_state_dicts
 from cmkd.train.checkpoint import CheckpointError
 
 # A tiny but real model config: load_model rebuilds it from the checkpoint alone.
@@ -84,21 +85,18 @@ def test_average_last_bounds() -> None:
     assert LastEpochs(2, 3, "/tmp/x").first == 2
 
 
-def test_teacher_url_explains_missing_averaged_checkpoint() -> None:
-    def resolve(ref: str, which: str) -> str:
-        if which == "averaged":
-            raise CheckpointError(f"stage {ref!r} has no averaged checkpoint")
-        return f"/runs/x/{ref}/checkpoints/{which}.pt"
-
-    assert teacher_url(resolve, "teacher", "best") == "/runs/x/teacher/checkpoints/best.pt"
+def test_teacher_resolution_explains_missing_averaged_checkpoint(tmp_path) -> None:
+    exp = Experiment(name="x", stages=("teacher", "student"))
+    ckpts = tmp_path / "x" / "teacher" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="list 'teacher' before"):  # not trained: the plain message
+        resolve_teacher(exp, str(tmp_path), "student", "teacher", "averaged")
+    for name in ("best.pt", "last.pt"):
+        (ckpts / name).write_bytes(b"")
+    assert resolve_teacher(exp, str(tmp_path), "student", "teacher", "best") == str(ckpts / "best.pt")
     with pytest.raises(CheckpointError, match=r"teacher/train.average_last = N .*'best' or 'last'"):
-        teacher_url(resolve, "teacher", "averaged")
-
-    def untrained(ref: str, which: str) -> str:
-        raise CheckpointError("list 'teacher' before this stage")
-
-    with pytest.raises(CheckpointError, match="list 'teacher' before"):  # not trained: the original message
-        teacher_url(untrained, "teacher", "averaged")
+        resolve_teacher(exp, str(tmp_path), "student", "teacher", "averaged")
+    assert resolve_teacher(exp, str(tmp_path), "student", "/elsewhere/t.pt", "best") == "/elsewhere/t.pt"
 
 
 def _tiny_checkpoints(tmp_path: Path, n: int = 3, classes: list[str] = CLASSES, config_text: str = TINY_CONFIG,
@@ -197,7 +195,7 @@ def test_teacher_checkpoint_last_loads_last_pt_not_best_pt(tmp_path: Path, write
     import gin
 
     from cmkd.experiment import run_experiment
-    from cmkd.train import loop
+    from cmkd.train import trainer
     from cmkd.train.distributed import DistEnv
 
     root = str(tmp_path / "data")
@@ -213,14 +211,14 @@ def test_teacher_checkpoint_last_loads_last_pt_not_best_pt(tmp_path: Path, write
     assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
 
     loaded: list[tuple[str, dict]] = []
-    real_load = loop.load_model
+    real_load = trainer.load_model
 
     def spy(url: str, *args, **kwargs):
         model = real_load(url, *args, **kwargs)
         loaded.append((url, {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}))
         return model
 
-    monkeypatch.setattr(loop, "load_model", spy)
+    monkeypatch.setattr(trainer, "load_model", spy)
     monkeypatch.setenv("CMKD_CACHE", str(tmp_path / "cache"))
     gin.clear_config()
     components.load_all()

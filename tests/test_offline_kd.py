@@ -213,7 +213,7 @@ def _offline_run(tmp_path: Path, write_tones, monkeypatch: pytest.MonkeyPatch, *
     import gin
 
     from cmkd.experiment import run_experiment
-    from cmkd.train import loop
+    from cmkd.train import trainer
     from cmkd.train.distributed import DistEnv
 
     root = str(tmp_path / "data")
@@ -223,7 +223,7 @@ def _offline_run(tmp_path: Path, write_tones, monkeypatch: pytest.MonkeyPatch, *
     def no_training(*args, **kwargs):
         raise AssertionError("a stage started training before the pre-flight caught the error")
 
-    monkeypatch.setattr(loop, "build_classifier", no_training)
+    monkeypatch.setattr(trainer, "build_classifier", no_training)
     gin.clear_config()
     components.load_all()
     try:

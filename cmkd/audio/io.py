@@ -16,10 +16,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from cmkd.errors import CmkdError
+
 CROP_MODES = ("start", "random", "center")
 
 
-class AudioError(ValueError):
+class AudioError(CmkdError, ValueError):
     """Audio that cannot be used; the message names the file/key, the problem and the fix."""
 
 

@@ -6,19 +6,12 @@ from typing import List, Optional
 
 import typer
 
+from cmkd.commands.common import USER_ERRORS, exit_code, fail
+
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from cmkd.audio.io import AudioError
-    from cmkd.data.manifest import ManifestError
-    from cmkd.data.recipes import RecipeError
-    from cmkd.data.stream import SampleError, ShardError
-    from cmkd.data.writer import WriterError
-    from cmkd.storage import StorageError
-
-    return (RecipeError, ManifestError, WriterError, AudioError, ShardError, SampleError, FileNotFoundError, PermissionError,
-            StorageError)
 
 
 OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--workers), smaller shards "
@@ -60,7 +53,6 @@ def prepare(
     on_error: str = typer.Option("raise", help="webdataset: 'skip' leaves out (and lists) unusable members instead of stopping"),
 ) -> None:
     """Decode a dataset release and write it as FLAC tar shards + dataset.json (with norm stats)."""
-    from cmkd.cli import fail
     from cmkd.data.recipes import PrepareOptions
     from cmkd.data.recipes import prepare as run_prepare
 
@@ -81,8 +73,8 @@ def prepare(
                              overwrite=overwrite, name=name, norm_splits=list(norm_split) or None)
     try:
         run_prepare(recipe, src, dest, options, **recipe_options)
-    except _user_errors() as err:
-        fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
     except MemoryError:
         fail(OUT_OF_MEMORY)
     except KeyboardInterrupt:
@@ -92,7 +84,6 @@ def prepare(
 
 def _adopt(src: str, dest: str, given: dict) -> None:
     """`cmkd prepare webdataset`: a dataset.json for existing shards (cmkd/data/recipes/webdataset.py)."""
-    from cmkd.cli import fail
     from cmkd.data.recipes.webdataset import AdoptOptions, adopt
 
     other = [k for k in ("allow_missing", "esc10", "balanced", "unbalanced", "eval_csv", "labels", "clip_pattern",
@@ -111,8 +102,8 @@ def _adopt(src: str, dest: str, given: dict) -> None:
                            on_error=given["on_error"], overwrite=given["overwrite"])
     try:
         adopt(src, dest, options)
-    except _user_errors() as err:
-        fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
     except KeyboardInterrupt:
         fail("interrupted: no dataset.json was written at DEST; run the same command again", code=130)
 
@@ -124,15 +115,14 @@ def stats(
     write: bool = typer.Option(False, help="store the result as 'norm' in dataset.json"),
 ) -> None:
     """Recompute the fbank mean/std used to normalize features, and optionally save it."""
-    from cmkd.cli import fail
+    from cmkd.console import out, table
     from cmkd.data.recipes.prepare import shown_url
     from cmkd.data.recipes.stats import recompute_stats
-    from cmkd.train.progress import out, table
 
     try:
         res = recompute_stats(url, list(split) or None, max_clips, write=write)
-    except _user_errors() as err:
-        fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     prev = res.previous
     rows = [("mean", res.norm.mean, prev.mean if prev else None), ("std", res.norm.std, prev.std if prev else None)]

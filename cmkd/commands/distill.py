@@ -6,8 +6,10 @@ from typing import List, Optional
 
 import typer
 
-CHECKPOINT_CHOICES = ("best", "last", "averaged")
+from cmkd.commands.common import USER_ERRORS, exit_code, fail
 
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `cmkd` app."""
@@ -15,12 +17,8 @@ def register(app: typer.Typer) -> None:
     app.command("teacher-logits")(teacher_logits)
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from cmkd.cli import _user_errors
-    from cmkd.data.manifest import ManifestError
-    from cmkd.distill.offline import OfflineLogitsError
-
-    return (*_user_errors(), OfflineLogitsError, ManifestError, ValueError)
+# average_checkpoints says why checkpoints cannot be averaged with a ValueError
+_ERRORS = (*USER_ERRORS, ValueError)
 
 
 def average(
@@ -30,40 +28,14 @@ def average(
         False, "--allow-config-mismatch", help="average checkpoints whose gin configs differ (same architecture)"),
 ) -> None:
     """Average checkpoints' weights uniformly (as PSLA/AST do) into one loadable checkpoint."""
-    from cmkd.cli import fail
+    from cmkd.console import console
     from cmkd.train.averaging import average_checkpoints
-    from cmkd.train.progress import console
 
     try:
         average_checkpoints(checkpoints, out, allow_config_mismatch)
-    except _errors() as err:
-        fail(str(err))
+    except _ERRORS as err:
+        fail(str(err), exit_code(err))
     console.print(f"averaged {len(checkpoints)} checkpoints → {out}", highlight=False)
-
-
-def resolve_checkpoint(run_or_ckpt: str, which: str = "best") -> str:
-    """A ``.pt`` file as is; a stage folder (``runs/<exp>/<stage>``) → its ``checkpoints/<which>.pt``."""
-    from cmkd import storage
-    from cmkd.train.checkpoint import CheckpointError, stage_checkpoint
-
-    if which not in CHECKPOINT_CHOICES:
-        raise ValueError(f"--checkpoint {which!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
-    if run_or_ckpt.endswith(".pt"):
-        return run_or_ckpt
-    url = stage_checkpoint(run_or_ckpt, which)
-    if storage.exists(url):
-        return url
-    stages = [d for d in storage.listdir(run_or_ckpt)
-              if storage.exists(stage_checkpoint(storage.join(run_or_ckpt, d), "last"))]
-    if stages:
-        raise CheckpointError(
-            f"{run_or_ckpt} is an experiment folder with stages {stages}; pass one stage, e.g. "
-            f"{storage.join(run_or_ckpt, stages[0])}"
-        )
-    raise CheckpointError(
-        f"no {which} checkpoint at {url}; pass a .pt file or a finished stage folder (runs/<experiment>/<stage>)"
-        + (" and train that stage with train.average_last = N for --checkpoint averaged" if which == "averaged" else "")
-    )
 
 
 def teacher_logits(
@@ -81,17 +53,17 @@ def teacher_logits(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing logits of that name and split"),
 ) -> None:
     """Score a split once with a teacher and store its logits for strategies.offline_kd."""
-    from cmkd import components, storage
-    from cmkd.cli import fail
+    from cmkd import plugins, storage
+    from cmkd.checkpoint import resolve
+    from cmkd.console import console
     from cmkd.data.stream import webdataset
+    from cmkd.device import pick_device
     from cmkd.distill.offline import compute_teacher_logits, default_logits_url, keys_url, save_teacher_logits
     from cmkd.models.factory import load_model
-    from cmkd.train.distributed import pick_device
-    from cmkd.train.progress import console
 
-    components.load_all()  # the teacher's config may name plugin components
+    plugins.load_all()  # the teacher's config may name plugin components
     try:
-        url = resolve_checkpoint(run_or_ckpt, checkpoint)
+        url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
         name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
@@ -104,8 +76,8 @@ def teacher_logits(
                     experiment=teacher.meta.get("experiment"), stage=teacher.meta.get("stage"),
                     epoch=teacher.meta.get("epoch"), dataset=ds.root, crop="start", augmented=False)
         save_teacher_logits(target, keys, logits, meta)
-    except _errors() as err:
-        fail(str(err))
+    except _ERRORS as err:
+        fail(str(err), exit_code(err))
     console.print(f"wrote teacher logits {logits.shape[0]} × {logits.shape[1]} → {target}", highlight=False)
     hint = f"logits=\"'{target}'\"" if out else f"teacher=\"'{name}'\""
     console.print(f"use them with: -b <stage>/train.strategy=@strategies.offline_kd -b strategies.offline_kd.{hint} "

@@ -6,8 +6,10 @@ from typing import Optional
 
 import typer
 
-from cmkd.cli import fail
+from cmkd.commands.common import fail
 
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `cmkd` app."""
@@ -25,11 +27,10 @@ def import_model(
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
 ) -> None:
     """Convert a pretrained model into a self-describing cmkd checkpoint (classes, front end, normalization)."""
-    from cmkd import storage
+    from cmkd import checkpoint, storage
+    from cmkd.console import console
     from cmkd.models.convert import ConvertError, import_source
     from cmkd.models.factory import load_model
-    from cmkd.train import checkpoint
-    from cmkd.train.progress import console
 
     try:
         if storage.exists(output) and not overwrite:

@@ -10,6 +10,12 @@ from typing import Any, List, Optional
 
 import typer
 
+from cmkd.commands.common import USER_ERRORS, exit_code
+from cmkd.commands.common import fail_verbatim as fail  # paths and shapes may hold [brackets]
+
+# Command bodies import what they use late, on purpose: `cmkd --help` and each command start
+# without loading torch and the modules of the other commands.
+
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 CLIP_HELP = "run the model on clips of this many seconds (an AST's positional embedding is resized; CNNs take any length)"
 
@@ -23,28 +29,10 @@ def register(app: typer.Typer) -> None:
     app.command()(report)
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from cmkd.cli import _user_errors
-    from cmkd.data.manifest import ManifestError
-    from cmkd.data.stream import SampleError, ShardError
-    from cmkd.infer.sources import InferError
-
-    return (*_user_errors(), InferError, ManifestError, ShardError, SampleError, PermissionError)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """cmkd's error exit, with the message shown verbatim (paths and shapes may hold [brackets])."""
-    from rich.markup import escape
-
-    from cmkd.cli import fail as cli_fail
-
-    cli_fail(escape(message), code)
-
-
 def _emit(text: Any, output: Optional[str]) -> None:
     """Print to stdout, or write the file atomically (a table as plain text)."""
     from cmkd import storage
-    from cmkd.train.progress import console, out
+    from cmkd.console import console, out
 
     if output is None:
         if isinstance(text, str):
@@ -68,7 +56,7 @@ def _emit(text: Any, output: Optional[str]) -> None:
 def _report_failures(failed: list[tuple[str, str]], scored: int, what: str) -> None:
     from rich.markup import escape
 
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     for path, why in failed:
         console.print(f"[yellow]skipped[/] {escape(f'{path}: {why}')}", highlight=False)
@@ -92,15 +80,15 @@ def eval_cmd(
     """Metrics (mAP, mAUC, d′, accuracy) on a prepared split; several checkpoints → their ensemble too."""
     import json
 
-    from cmkd import components
-    from cmkd.infer.evaluate_cmd import check_compatible, open_split, predict_split, report, tables
+    from cmkd import plugins
     from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
+    from cmkd.infer.scoring import check_compatible, open_split, predict_split, report, tables
 
     if len(args) < 2:
         fail("give at least one checkpoint and then the dataset root, e.g. "
              "cmkd eval runs/demo/student/checkpoints/best.pt /data/esc50")
     *ckpts, data = args
-    components.load_all()  # checkpoints may name plugin components
+    plugins.load_all()  # checkpoints may name plugin components
     try:
         dev = device_of(device)
         urls = [resolve_checkpoint(c) for c in ckpts]
@@ -109,8 +97,8 @@ def eval_cmd(
         check_compatible(models, urls, chosen, data)
         preds = predict_split(models, chosen.batches(batch_size, models[0].sample_rate, workers), dev)
         result = report(preds, models, urls, data, chosen.name)
-    except _errors() as err:
-        fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     if as_json:
         _emit(json.dumps(result, indent=2) + "\n", None)
@@ -133,39 +121,39 @@ def predict(
     clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
 ) -> None:
     """Top-k labels for audio files; long files are scored in sliding windows."""
-    from cmkd import components
-    from cmkd.infer import predict as P
+    from cmkd import plugins
+    from cmkd.infer import predict as predicting
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.sources import collect, require_sources
 
     fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
-    if fmt not in P.FORMATS:
-        fail(f"--format {fmt!r}: use one of {', '.join(P.FORMATS)}")
+    if fmt not in predicting.FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(predicting.FORMATS)}")
     if top_k < 1:
         fail(f"--top-k must be at least 1, got {top_k}")
-    components.load_all()
+    plugins.load_all()
     try:
         found = collect(paths)
         require_sources(found)
         dev = device_of(device)
         model = open_model(checkpoint, dev, clip_seconds)
-        settings = P.settings_for(model, window, hop, reduce)
+        settings = predicting.settings_for(model, window, hop, reduce)
         _note_window(model, settings.window_s)
-        preds = list(P.predict(model, found.sources, settings, batch_size=batch_size, device=dev))
-    except _errors() as err:
-        fail(str(err))
+        preds = list(predicting.predict(model, found.sources, settings, batch_size=batch_size, device=dev))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     _note_skipped(found.skipped)
     failed = found.missing + [(p.path, p.error) for p in preds if p.error is not None]
     ok = [p for p in preds if p.error is None]
     _report_failures(failed, len(ok), "scored")
-    _emit(P.render(fmt, model, settings, preds + [P.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
+    _emit(predicting.render(fmt, model, settings, preds + [predicting.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
                    min(top_k, len(model.classes))), output)
 
 
 def _note_window(model: Any, window_s: float) -> None:
+    from cmkd.console import console
     from cmkd.infer.loading import frames_cut, input_seconds
-    from cmkd.train.progress import console
 
     if frames_cut(model, window_s) > 0:
         console.print(f"note: the model's input spans {input_seconds(model):.2f} s, so it sees only the start of each "
@@ -174,7 +162,7 @@ def _note_window(model: Any, window_s: float) -> None:
 
 
 def _note_skipped(skipped: list[str]) -> None:
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     if skipped:
         shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
@@ -194,34 +182,34 @@ def embed(
     overwrite: bool = typer.Option(False, help="replace embeddings already in --out"),
 ) -> None:
     """Pooled embeddings (the classifier head's input) of audio files; long files → mean over windows."""
-    from cmkd import components
-    from cmkd.infer import embed as E
+    from cmkd import plugins
+    from cmkd.console import console
+    from cmkd.infer import embed as embedding
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.predict import settings_for
     from cmkd.infer.sources import collect, require_sources
-    from cmkd.train.progress import console
 
-    components.load_all()
+    plugins.load_all()
     try:
-        E.check_output(out_dir, overwrite)
+        embedding.check_output(out_dir, overwrite)
         found = collect(paths)
         require_sources(found, "embed")
         dev = device_of(device)
         model = open_model(checkpoint, dev, clip_seconds)
         settings = settings_for(model, window, hop, "mean")
         _note_window(model, settings.window_s)
-        matrix, results = E.embed(model, found.sources, settings, batch_size=batch_size, device=dev)
-    except _errors() as err:
-        fail(str(err))
+        matrix, results = embedding.embed(model, found.sources, settings, batch_size=batch_size, device=dev)
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     _note_skipped(found.skipped)
     failed = found.missing + [(r.source.path, r.error) for r in results if r.error is not None]
     _report_failures(failed, matrix.shape[0], "embedded")
-    meta = E.index(model, settings, results, model.classifier.embed_dim)
+    meta = embedding.index(model, settings, results, model.classifier.embed_dim)
     meta["errors"] += [{"path": p, "error": why} for p, why in found.missing]
-    E.write(out_dir, matrix, meta)
-    console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{E.EMBEDDINGS} "
-                  f"(row order in {E.INDEX})", markup=False, highlight=False)
+    embedding.write(out_dir, matrix, meta)
+    console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{embedding.EMBEDDINGS} "
+                  f"(row order in {embedding.INDEX})", markup=False, highlight=False)
 
 
 def export(
@@ -234,33 +222,33 @@ def export(
     """Export waveform → probabilities (fbank front end included) as ONNX or TorchScript."""
     import torch
 
-    from cmkd import components
-    from cmkd.infer import export as X
+    from cmkd import plugins
+    from cmkd.console import console
+    from cmkd.infer import export as exporting
     from cmkd.infer.loading import open_model, resolve_checkpoint
-    from cmkd.train.progress import console
 
-    components.load_all()
+    plugins.load_all()
     if fmt == "hf":  # a folder, not a traced graph: docs/pretrained.md
         from cmkd.infer.export_hf import export_folder, summary
 
         try:
             url = resolve_checkpoint(checkpoint)
             if output is None:
-                raise X.InferError("--format hf writes a folder; name it with -o DIR")
+                raise exporting.InferError("--format hf writes a folder; name it with -o DIR")
             console.print(summary(export_folder(open_model(url, torch.device("cpu")), output, overwrite)),
                           markup=False, highlight=False)
-        except _errors() as err:
-            fail(str(err))
+        except USER_ERRORS as err:
+            fail(str(err), exit_code(err))
         return
     try:
-        if fmt not in X.FORMATS:
-            raise X.InferError(f"--format {fmt!r}: use one of {', '.join(X.FORMATS)}")
+        if fmt not in exporting.FORMATS:
+            raise exporting.InferError(f"--format {fmt!r}: use one of {', '.join(exporting.FORMATS)}")
         url = resolve_checkpoint(checkpoint)
         model = open_model(url, torch.device("cpu"), clip_seconds)  # exported graphs are traced on CPU
-        target = output or X.default_path(url, fmt)
-        done = X.export(model, fmt, target, model.clip_samples, overwrite)
-    except _errors() as err:
-        fail(str(err))
+        target = output or exporting.default_path(url, fmt)
+        done = exporting.export(model, fmt, target, model.clip_samples, overwrite)
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     check = ("not checked (install onnxruntime to check it)" if done.max_abs_diff is None
              else f"max |Δ probability| vs PyTorch on a check input: {done.max_abs_diff:.2e}")
@@ -279,17 +267,17 @@ def report(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Figures (training curves, confusion matrices) and report.md for a run."""
-    from cmkd import components
+    from cmkd import plugins
+    from cmkd.console import console
     from cmkd.infer.loading import device_of
     from cmkd.infer.report import write_report
-    from cmkd.train.progress import console
 
-    components.load_all()
+    plugins.load_all()
     try:
         rep = write_report(run_dir, data=data, split=split, out_dir=out_dir, device=device_of(device),
                            batch_size=batch_size, confusion=confusion)
-    except _errors() as err:
-        fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
         return
     for note in rep.notes:
         console.print(f"note: {note}", markup=False, highlight=False)

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cmkd import jsonstate
+
 Record = dict[str, Any]
 Ident = tuple[int, int, int]  # (url index, draw number, record index within that shard)
 
@@ -87,7 +89,7 @@ class StreamCursor:
     def state(self) -> str:
         """The position as a JSON string (safe in a weights_only checkpoint, no pickles)."""
         return json.dumps({
-            "rng": _jsonable(self.rng.bit_generator.state),
+            "rng": jsonstate.encode(self.rng.bit_generator.state),
             "gen": base64.b64encode(self.gen.get_state().numpy().tobytes()).decode(),
             "draws": self.draws,
             "current": self.current if self._records is not None else None,
@@ -96,7 +98,7 @@ class StreamCursor:
 
     def restore(self, state: str) -> None:
         s = json.loads(state)
-        self.rng.bit_generator.state = _from_jsonable(s["rng"])
+        self.rng.bit_generator.state = jsonstate.decode(s["rng"])
         self.gen.set_state(torch.frombuffer(bytearray(base64.b64decode(s["gen"])), dtype=torch.uint8))
         self.draws = s["draws"]
         wanted: dict[tuple[int, int], set[int]] = defaultdict(set)
@@ -121,20 +123,3 @@ class StreamCursor:
             for _ in range(consumed):
                 next(records, None)
             self._records = records
-
-
-def _jsonable(value: Any) -> Any:
-    # numpy's bit-generator state holds 128-bit ints; JSON numbers would lose them, strings don't.
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, int) and not isinstance(value, bool):
-        return {"__int__": str(value)}
-    return value
-
-
-def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__int__"}:
-            return int(value["__int__"])
-        return {k: _from_jsonable(v) for k, v in value.items()}
-    return value

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmkd.data.members import LABEL_FIELDS, find_label_field, last_ext
+from cmkd.errors import CmkdError
 
 LABEL_KINDS = ("json", "cls", "txt")
 
 
-class LabelProblem(ValueError):
+class LabelProblem(CmkdError, ValueError):
     """A record's labels cannot be read; ``kind``: "incomplete", "metadata" or "label"."""
 
     def __init__(self, message: str, kind: str):

@@ -22,11 +22,12 @@ from cmkd.data.shardlist import (
     check_pattern,
     parse,
 )
+from cmkd.errors import CmkdError
 
 MANIFEST_NAME = "dataset.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(CmkdError, ValueError):
     """``dataset.json`` is missing or malformed; the message names the URL and the field."""
 
 

@@ -31,6 +31,7 @@ from cmkd.data.manifest import Manifest, ManifestError
 from cmkd.data.members import AUDIO_FIELDS, FORMAT_VERSION, find_audio_field, member_splitter, split_member
 from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
 from cmkd.data.shardlist import Chained
+from cmkd.errors import CmkdError
 from cmkd.registry import datasets
 
 AUDIO_EXTS = AUDIO_FIELDS  # kept for old imports; see cmkd/data/members.py
@@ -44,7 +45,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-class ShardError(RuntimeError):
+class ShardError(CmkdError, RuntimeError):
     """A shard could not be read; the message names its URL and what to do.
 
     ``corrupt``: the bytes arrived but are not a valid tar (truncated, garbage): no retry fixes
@@ -60,7 +61,7 @@ class ShardError(RuntimeError):
         return type(self), (str(self), self.corrupt)
 
 
-class SampleError(ValueError):
+class SampleError(CmkdError, ValueError):
     """One sample is unusable; ``kind`` is "audio", "label", "metadata", "incomplete" or "duplicate"."""
 
     def __init__(self, message: str, kind: str = "sample"):

@@ -34,13 +34,14 @@ from cmkd.data.manifest import (
 )
 from cmkd.data.members import safe_key
 from cmkd.data.stats import NormStats
+from cmkd.errors import CmkdError
 
 DEFAULT_MAX_COUNT = 1000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _TAR_BLOCK = 512
 
 
-class WriterError(ValueError):
+class WriterError(CmkdError, ValueError):
     """A sample cannot be written; the message names the split, the key and the fix."""
 
 

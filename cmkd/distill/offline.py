@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from cmkd import storage
+from cmkd.errors import CmkdError
+from cmkd.models.inference import predict
 
 FORMAT = "cmkd-teacher-logits"
 FORMAT_VERSION = 1
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class OfflineLogitsError(ValueError):
+class OfflineLogitsError(CmkdError, ValueError):
     """Stored teacher logits are missing, malformed or do not fit this dataset/batch."""
 
 
@@ -197,8 +199,6 @@ def compute_teacher_logits(model: Any, dataset: Any, split: str, batch_size: int
 
     ``model`` is a :class:`cmkd.models.factory.LoadedModel`, ``dataset`` a ``ShardDataset``.
     """
-    from cmkd.train.evaluate import predict  # late: keeps this module light for the strategy
-
     if list(model.classes) != list(dataset.classes):
         raise OfflineLogitsError(
             f"teacher {model.meta.get('url')} was trained on classes {list(model.classes)[:5]}... but {dataset.root} "

@@ -5,7 +5,8 @@ load_teacher=..., device=..., dataset=..., mixup=...)``; each factory takes the 
 (the pre-flight also passes ``load_logits``, which checks stored logits without reading them).
 A strategy owns its frozen teacher(s) and is called as
 ``strategy(x, student_logits, targets, keys=None) -> (loss, logs)``; ``keys`` are the batch's
-sample keys (the loop always passes them; only ``offline_kd`` needs them).
+sample keys (the loop always passes them; only ``offline_kd`` needs them); ``logs`` are detached
+0-d tensors, so a step never waits on the device: the loop reads them every ``train.log_every`` steps.
 
 Registered classes are leaves that never inherit from one another: gin wraps a registered
 class's ``__init__`` in place, so a registered parent would leak its bindings into children.
@@ -69,7 +70,7 @@ class Strategy:
         return self
 
     def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
-                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
+                 keys: Keys = None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def teacher_logits(self, x: Tensor, student_logits: Tensor, keys: Keys = None) -> list[Tensor]:
@@ -146,7 +147,7 @@ class _Distill(Strategy):
         self.tau_student, self.kd_scale = float(tau_student), float(kd_scale)
 
     def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
-                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
+                 keys: Keys = None) -> tuple[Tensor, dict[str, Tensor]]:
         t_logits = self.teacher_logits(x, student_logits, keys)
         # Average probabilities (ψ), not logits, over teachers; one teacher is the identity.
         log_p = mean_log_probs([log_probs(z, self.multilabel, self.tau) for z in t_logits])
@@ -154,12 +155,12 @@ class _Distill(Strategy):
         loss_kd = self.kd_scale * kl_divergence(log_p, log_q)
         loss_gt = self.loss(student_logits, targets)
         loss = self.lam * loss_gt + (1.0 - self.lam) * loss_kd
-        logs = {"loss_gt": float(loss_gt.detach()), "loss_kd": float(loss_kd.detach())}
+        logs = {"loss_gt": loss_gt.detach(), "loss_kd": loss_kd.detach()}  # tensors: the loop syncs at log_every
         logs.update(_agreement(log_p, student_logits.detach(), targets, self.multilabel))
         return loss, logs
 
 
-def _agreement(log_p: Tensor, student_logits: Tensor, targets: Tensor, multilabel: bool) -> dict[str, float]:
+def _agreement(log_p: Tensor, student_logits: Tensor, targets: Tensor, multilabel: bool) -> dict[str, Tensor]:
     """Cheap teacher diagnostics: top-1 hit against the targets, top-1 agreement with the student."""
     with torch.no_grad():
         scores = log_p[..., 0] if multilabel else log_p  # log σ or log softmax: same ranking as ψ
@@ -169,7 +170,7 @@ def _agreement(log_p: Tensor, student_logits: Tensor, targets: Tensor, multilabe
         else:
             hit = top == targets.argmax(dim=-1)
         agree = top == student_logits.argmax(dim=-1)
-        return {"teacher_acc": float(hit.float().mean()), "agree": float(agree.float().mean())}
+        return {"teacher_acc": hit.float().mean(), "agree": agree.float().mean()}
 
 
 @strategies.register("none")
@@ -180,9 +181,9 @@ class NoDistillation(Strategy):
         super().__init__(loss)
 
     def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
-                 keys: Keys = None) -> tuple[Tensor, dict[str, float]]:
+                 keys: Keys = None) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.loss(student_logits, targets)
-        return loss, {"loss_gt": float(loss.detach())}
+        return loss, {"loss_gt": loss.detach()}
 
 
 @strategies.register("logit_kd")

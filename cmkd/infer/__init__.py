@@ -1,7 +1,7 @@
 """Using trained models: evaluate, predict, embed, export, report (the `cmkd` commands' library side).
 
 Modules: ``sources`` (which files), ``windows`` (sliding-window batching), ``loading``
-(checkpoints), ``predict``, ``embed``, ``export``, ``evaluate_cmd``, ``report`` + ``plots``.
+(checkpoints), ``predict``, ``embed``, ``export``, ``scoring`` (`cmkd eval`), ``report`` + ``plots``.
 """
 
 from cmkd.infer.loading import describe, open_model, resolve_checkpoint

@@ -17,6 +17,7 @@ import torch
 
 from cmkd import storage
 from cmkd.audio.features import Fbank
+from cmkd.infer.export_timm import timm_files  # CNN students
 from cmkd.infer.sources import InferError
 from cmkd.models.backbones.ast import AST
 from cmkd.models.convert.ast_keys import cmkd_to_hf, to_v4
@@ -38,9 +39,7 @@ def export_folder(model: LoadedModel, out: str, overwrite: bool = False) -> Expo
         raise InferError(f"{out} already holds a model; pass --overwrite to replace it or choose another -o")
     if isinstance(model.classifier.backbone, AST):
         return _write(out, _transformers_files(model), "transformers")
-    from cmkd.infer.export_timm import timm_files  # CNN students
-
-    return _write(out, timm_files(model), "timm")
+    return _write(out, timm_files(model), "timm")  # CNN students
 
 
 def _write(out: str, build, kind: str) -> ExportedFolder:
@@ -68,19 +67,20 @@ def _transformers_files(model: LoadedModel):
         raise InferError("--format hf needs transformers: pip install 'cmkd[hf]'") from None
     fb = _check_frontend(model)
     clf = model.classifier
-    bb, pool, head = clf.backbone, clf.pooler, clf.head
-    if bb.dist_token is None or not isinstance(pool, TokenPool) or not isinstance(head, LinearHead) \
+    backbone, pool, head = clf.backbone, clf.pooler, clf.head
+    if backbone.dist_token is None or not isinstance(pool, TokenPool) or not isinstance(head, LinearHead) \
             or not isinstance(head.norm, torch.nn.LayerNorm):
         raise InferError("--format hf writes transformers' AST: a distilled AST (CLS + distillation token) with "
                          "poolers.token and heads.linear(norm=True); this model differs "
-                         f"({type(pool).__name__}, {type(head).__name__}, distilled={bb.dist_token is not None})")
+                         f"({type(pool).__name__}, {type(head).__name__}, distilled={backbone.dist_token is not None})")
     names = list(model.classes)
     config = ASTConfig(
-        hidden_size=bb.embed_dim, num_hidden_layers=len(bb.blocks), num_attention_heads=bb.blocks[0].attn.num_heads,
-        intermediate_size=bb.blocks[0].mlp.fc1.out_features, patch_size=bb.patch, frequency_stride=bb.stride,
-        time_stride=bb.stride, max_length=fb.target_frames, num_mel_bins=fb.n_mels,
+        hidden_size=backbone.embed_dim, num_hidden_layers=len(backbone.blocks),
+        num_attention_heads=backbone.blocks[0].attn.num_heads, intermediate_size=backbone.blocks[0].mlp.fc1.out_features,
+        patch_size=backbone.patch, frequency_stride=backbone.stride,
+        time_stride=backbone.stride, max_length=fb.target_frames, num_mel_bins=fb.n_mels,
         # One eps for every LayerNorm in transformers: the backbone's (the head's differs by < 1e-6 relative).
-        layer_norm_eps=bb.norm.eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        layer_norm_eps=backbone.norm.eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         id2label={i: n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
         problem_type="multi_label_classification" if model.multilabel else "single_label_classification",
         architectures=["ASTForAudioClassification"],

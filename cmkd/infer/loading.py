@@ -6,36 +6,14 @@ from typing import Any
 
 import torch
 
-from cmkd import storage
+from cmkd import checkpoint
+from cmkd.checkpoint import resolve as resolve_checkpoint  # noqa: F401 - cmkd.infer's public name
+from cmkd.device import pick_device
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel, load_model
-from cmkd.train import checkpoint
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint file as given; a stage folder (runs/<exp>/<stage>) means its best checkpoint."""
-    from fsspec.core import url_to_fs
-
-    fs, inner = url_to_fs(path)
-    if not fs.isdir(inner):
-        return path  # checkpoint.load reports a missing or foreign file with its own clear message
-    best = checkpoint.stage_checkpoint(path, "best")
-    if storage.exists(best):
-        return best
-    stages = [d for d in storage.listdir(path) if storage.exists(checkpoint.stage_checkpoint(storage.join(path, d)))]
-    if stages:
-        raise checkpoint.CheckpointError(
-            f"{path} is an experiment folder with stages {stages}; pass one of them, e.g. {storage.join(path, stages[-1])}"
-        )
-    raise checkpoint.CheckpointError(
-        f"{path} is a folder without checkpoints/best.pt; pass a checkpoint file "
-        f"(runs/<experiment>/<stage>/checkpoints/best.pt) or a finished stage folder"
-    )
 
 
 def device_of(name: str) -> torch.device:
-    from cmkd.train.distributed import pick_device
-
     try:
         return pick_device(name)
     except RuntimeError as err:  # its message already names the flag and the fix

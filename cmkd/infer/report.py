@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmkd import storage
+import gin
+from cmkd import checkpoint, config, storage
+from cmkd.data.manifest import ManifestError
+from cmkd.data.stream import SampleError, ShardError
 from cmkd.infer import plots
+from cmkd.infer.scoring import check_compatible, open_split, predict_split
 from cmkd.infer.sources import InferError
-from cmkd.train import checkpoint
+from cmkd.models.factory import load_model
+from cmkd.registry import call_with_context
 
 _STAGES = re.compile(r"^experiment\.stages\s*=\s*(\[.*?\])", re.MULTILINE | re.DOTALL)
+
+# The split's data or the stage's checkpoint is missing: a note (the report goes on); a refused config is not.
+_DATA_ERRORS = (InferError, ManifestError, ShardError, SampleError, checkpoint.CheckpointError, FileNotFoundError)
 
 
 @dataclass
@@ -164,7 +172,7 @@ def write_report(run_dir: str, *, data: str | None = None, split: str | None = N
     for s in stages if confusion else []:
         try:
             result = _confusion(s, rep, data, split, torch.device(device), batch_size)
-        except _data_errors() as err:
+        except _DATA_ERRORS as err:
             if data is not None:  # the user named the data: its problems are theirs to fix
                 raise
             rep.notes.append(f"{s.name}: no confusion matrix ({err}); pass --data <dataset root> to use another copy")
@@ -175,18 +183,9 @@ def write_report(run_dir: str, *, data: str | None = None, split: str | None = N
     return rep
 
 
-def _data_errors() -> tuple[type[BaseException], ...]:
-    from cmkd.data.manifest import ManifestError
-    from cmkd.data.stream import SampleError, ShardError
-
-    return (InferError, ManifestError, ShardError, SampleError, checkpoint.CheckpointError, FileNotFoundError)
-
-
 def _confusion(s: Stage, rep: Report, data: str | None, split: str | None, device: torch.device,
                batch_size: int) -> tuple[str, str] | None:
     """Predict the eval split with the stage's best checkpoint; (figure name, caption) or None."""
-    from cmkd.infer.evaluate_cmd import check_compatible, open_split, predict_split
-    from cmkd.models.factory import load_model
 
     url = checkpoint.stage_checkpoint(s.directory, "best")
     if not storage.exists(url):
@@ -221,11 +220,6 @@ def _confusion(s: Stage, rep: Report, data: str | None, split: str | None, devic
 
 def _dataset_from_config(s: Stage) -> Any:
     """The dataset the stage trained on, rebuilt from its saved gin config."""
-    import gin
-
-    from cmkd import config
-    from cmkd.registry import call_with_context
-
     if not s.config:
         raise InferError(f"{s.directory} has no config.gin to find its dataset; pass --data <dataset root>")
     with config.isolated(s.config, s.name, f"{s.directory}/config.gin"):

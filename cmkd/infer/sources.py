@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+from cmkd.errors import CmkdError
 
 # Extensions of the containers libsndfile reads (soundfile.available_formats() plus common aliases).
 AUDIO_EXTENSIONS = frozenset({
@@ -14,7 +15,7 @@ AUDIO_EXTENSIONS = frozenset({
 })
 
 
-class InferError(ValueError):
+class InferError(CmkdError, ValueError):
     """Bad input to an inference command; the message says what, where and what to do."""
 
 

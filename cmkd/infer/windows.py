@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cmkd.audio.io import AudioReader
 from cmkd.infer.sources import AudioSource, InferError
-from cmkd.train.progress import console
+from cmkd.console import console
 
 REDUCTIONS = ("mean", "max")
 

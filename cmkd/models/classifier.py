@@ -69,14 +69,14 @@ def build_classifier(
     """Build backbone (given ``in_shape``), pooler (``in_dim``, ``num_prefix_tokens``) and head
     (``in_dim``, ``num_classes``); the paper's CNN is efficientnet+mean+linear, its AST ast+token+linear."""
     in_shape = (int(in_shape[0]), int(in_shape[1]))
-    bb = build_component(backbone, backbones, in_shape=in_shape)
-    if not hasattr(bb, "out_dim"):
+    backbone_net = build_component(backbone, backbones, in_shape=in_shape)
+    if not hasattr(backbone_net, "out_dim"):
         raise TypeError(
-            f"classifier: backbone {type(bb).__name__} has no `out_dim`; backbones must set out_dim (channels or "
-            f"token width) and num_prefix_tokens (0 for maps)"
+            f"classifier: backbone {type(backbone_net).__name__} has no `out_dim`; backbones must set out_dim "
+            f"(channels or token width) and num_prefix_tokens (0 for maps)"
         )
-    prefix = int(getattr(bb, "num_prefix_tokens", 0))
-    pool = build_component(pooler, poolers, in_dim=bb.out_dim, num_prefix_tokens=prefix)
-    pooled_dim = int(getattr(pool, "out_dim", bb.out_dim))
-    hd = build_component(head, heads, in_dim=pooled_dim, num_classes=num_classes)
-    return Classifier(bb, pool, hd, num_classes=num_classes, in_shape=in_shape)
+    prefix = int(getattr(backbone_net, "num_prefix_tokens", 0))
+    pooler_net = build_component(pooler, poolers, in_dim=backbone_net.out_dim, num_prefix_tokens=prefix)
+    pooled_dim = int(getattr(pooler_net, "out_dim", backbone_net.out_dim))
+    head_net = build_component(head, heads, in_dim=pooled_dim, num_classes=num_classes)
+    return Classifier(backbone_net, pooler_net, head_net, num_classes=num_classes, in_shape=in_shape)

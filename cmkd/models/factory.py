@@ -9,12 +9,11 @@ import gin
 import torch
 from torch import nn
 
-from cmkd import config
+from cmkd import checkpoint, config, plugins
 from cmkd.models.backbones.ast import AST, resize_ast_state_dict
 from cmkd.models.classifier import Classifier, build_classifier
 from cmkd.models.pretrained import skip_pretrained_weights
 from cmkd.registry import call_with_context
-from cmkd.train import checkpoint
 
 
 @gin.configurable("frontend")
@@ -73,9 +72,7 @@ def load_model(
     proportion): the featurizer pads/cuts to the new frame count and an AST's positional
     embedding is resized per axis; CNNs take any length as is.
     """
-    from cmkd import components  # late: components imports the training loop, which imports this module
-
-    components.load_all()  # the saved config names registered components; plain Python callers need them too
+    plugins.load_all()  # the saved config names registered components; plain Python callers need them too
     ckpt = checkpoint.load(url)
     norm = ckpt.get("norm")
     # isolated() lets the config's `import` lines run only modules the user named (docs/reliability.md §8);

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmkd import storage
+from cmkd.errors import CmkdError
 
 # Keys under which trainers commonly nest the weights inside a checkpoint dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -54,11 +55,11 @@ def pretrained_weights_skipped() -> bool:
     return _skip_weights.get()
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(CmkdError, RuntimeError):
     """Pretrained weights could not be fetched (offline, blocked, or missing upstream)."""
 
 
-class WeightsError(ValueError):
+class WeightsError(CmkdError, ValueError):
     """A weights file was found but does not fit the model; the message says how to fix it."""
 
 

@@ -19,14 +19,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from cmkd import storage
-from cmkd import saved_config
-from cmkd.train import checkpoint, distributed
-from cmkd.train.progress import console
+from cmkd import checkpoint, saved_config, storage
+from cmkd.console import console
+from cmkd.train import distributed
 
 StateDict = Mapping[str, torch.Tensor]
 
-__all__ = ["LastEpochs", "RunningMean", "average_checkpoints", "average_state_dicts", "teacher_url"]
+__all__ = ["LastEpochs", "RunningMean", "average_checkpoints", "average_state_dicts"]
 
 
 class RunningMean:
@@ -197,25 +196,3 @@ def average_checkpoints(urls: Sequence[str], out: str, allow_config_mismatch: bo
                    averaged_from=[str(u) for u in urls])
     checkpoint.save(out, payload)
     return payload
-
-
-def teacher_url(resolve: Callable[[str, str], str], ref: str, which: str) -> str:
-    """``resolve(ref, which)``, with a clear message when an ``averaged`` teacher was never averaged."""
-    try:
-        return resolve(ref, which)
-    except checkpoint.CheckpointError:
-        if which != "averaged" or not _trained(resolve, ref):
-            raise  # not trained at all: the original message says to list it first
-        raise checkpoint.CheckpointError(
-            f"train.teacher_checkpoint = 'averaged' but teacher stage {ref!r} wrote no checkpoints/averaged.pt: "
-            f"set {ref}/train.average_last = N (the last N epochs) for that stage — and delete its run folder if it "
-            f"already finished, so it is retrained — or use train.teacher_checkpoint = 'best' or 'last'"
-        ) from None
-
-
-def _trained(resolve: Callable[[str, str], str], ref: str) -> bool:
-    try:
-        resolve(ref, "last")
-        return True
-    except (checkpoint.CheckpointError, ValueError):
-        return False

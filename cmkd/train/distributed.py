@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cmkd.device import DistributedSetupError, pick_device  # noqa: F401 - re-exported: their old home
+
 F = TypeVar("F", bound=Callable[..., Any])
 _TIMEOUT_ENV = "CMKD_DIST_TIMEOUT"  # seconds a collective may wait for the slowest rank
 
@@ -40,27 +42,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-class DistributedSetupError(RuntimeError):
-    """The launcher's environment does not describe a usable process group."""
-
-
-def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-        index = local_rank if preference == "cuda" else int(preference.split(":")[1])
-        if index >= torch.cuda.device_count():
-            raise DistributedSetupError(
-                f"process with LOCAL_RANK {local_rank} wants cuda:{index} but only {torch.cuda.device_count()} "
-                f"CUDA device(s) are visible; use --nproc-per-node <= {torch.cuda.device_count()} "
-                f"(or --device cpu to train on CPUs with gloo)"
-            )
-        return torch.device("cuda", index)
-    return torch.device(preference)
 
 
 def _env_int(name: str, default: int) -> int:

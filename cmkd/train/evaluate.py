@@ -3,54 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from cmkd.device import autocast  # noqa: F401 - re-exported: its old home
+from cmkd.models.inference import ensemble_combiner, predict
 from cmkd.train import distributed
 from cmkd.train.metrics import compute_metrics
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU training stays fp32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.inference_mode()
-def predict(
-    models: list[nn.Module],
-    featurizer: nn.Module,
-    batches: Iterable[dict],
-    device: torch.device,
-    amp: bool = True,
-    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Logits (or ``combine``d outputs of several models) for this rank's share of ``batches``."""
-    for m in models:
-        m.eval()
-    keys: list[str] = []
-    outs: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
-    for batch in batches:
-        wave = batch["wave"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            x = featurizer(wave)
-            logits = [m(x).float() for m in models]
-        out = combine(logits) if combine else logits[0]
-        keys.extend(batch["key"])
-        outs.append(out.cpu().numpy())
-        targets.append(batch["target"].numpy())
-    c = outs[0].shape[1] if outs else 0
-    return keys, _cat(outs, c), _cat(targets, c)
-
-
-def _cat(chunks: list[np.ndarray], width: int) -> np.ndarray:
-    return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
 
 
 def gather(env: distributed.DistEnv, keys: list[str], scores: np.ndarray, targets: np.ndarray):
@@ -92,7 +54,7 @@ def evaluate(
     """Metrics over the whole split (identical on every rank) and the gathered predictions."""
     combine = None
     if len(models) > 1:  # an ensemble averages probabilities, scored back as log-odds/logits
-        combine = _ensemble_combiner(multilabel)
+        combine = ensemble_combiner(multilabel)
     keys, scores, targets = predict(models, featurizer, batches, env.device, amp, combine)
     keys, scores, targets = gather(env, keys, scores, targets)
     metrics = compute_metrics(scores, targets, multilabel)
@@ -100,13 +62,3 @@ def evaluate(
         metrics["loss"] = float(loss_fn(torch.from_numpy(scores), torch.from_numpy(targets)))
     metrics["samples"] = len(keys)
     return metrics, (keys, scores, targets)
-
-
-def _ensemble_combiner(multilabel: bool) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    def combine(logits: list[torch.Tensor]) -> torch.Tensor:
-        if multilabel:
-            p = torch.stack([torch.sigmoid(z) for z in logits]).mean(0).clamp(1e-7, 1 - 1e-7)
-            return torch.log(p) - torch.log1p(-p)
-        return torch.stack([torch.softmax(z, -1) for z in logits]).mean(0).clamp_min(1e-12).log()
-
-    return combine

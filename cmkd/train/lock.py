@@ -23,8 +23,8 @@ from typing import Any, Iterator
 from rich.markup import escape
 
 from cmkd import storage
-from cmkd.train.checkpoint import CheckpointError
-from cmkd.train.progress import console
+from cmkd.checkpoint import CheckpointError
+from cmkd.console import console
 
 LOCK_NAME = "run.lock"
 

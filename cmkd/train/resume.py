@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmkd import storage
-from cmkd.train import checkpoint, distributed
+from cmkd import checkpoint, jsonstate, storage
+from cmkd.train import distributed
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
 
@@ -30,15 +30,16 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0
-    running: float = 0.0
-    seen: int = 0
+    loss_sum: float = 0.0  # the epoch's summed training loss so far (non-finite steps add 0)
+    loss_steps: int = 0  # the steps in that sum
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     stream: dict[int, str] = field(default_factory=dict)  # this rank: logical worker → cursor state
 
     def to_payload(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                "running": self.running, "seen": self.seen, "history": json.dumps(self.history),
+                "running": self.loss_sum, "seen": self.loss_steps,  # the checkpoint keys of cmkd 0.x
+                "history": json.dumps(self.history),
                 "best": json.dumps(self.best)}
 
 
@@ -47,8 +48,8 @@ def rank_state(env: distributed.DistEnv, gen: torch.Generator, position: Positio
     state = {
         "torch": torch.get_rng_state(),
         "gen": gen.get_state(),
-        "numpy": json.dumps(_jsonable(np.random.get_state())),
-        "python": json.dumps(_jsonable(random.getstate())),
+        "numpy": json.dumps(jsonstate.encode(np.random.get_state())),
+        "python": json.dumps(jsonstate.encode(random.getstate())),
         "stream": json.dumps({str(k): v for k, v in position.stream.items()}),
     }
     if env.device.type == "cuda":
@@ -59,8 +60,8 @@ def rank_state(env: distributed.DistEnv, gen: torch.Generator, position: Positio
 def restore_rank_state(env: distributed.DistEnv, gen: torch.Generator, state: dict[str, Any]) -> dict[int, str]:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
-    np.random.set_state(_from_jsonable(json.loads(state["numpy"])))
-    random.setstate(_from_jsonable(json.loads(state["python"])))
+    np.random.set_state(jsonstate.decode(json.loads(state["numpy"])))
+    random.setstate(jsonstate.decode(json.loads(state["python"])))
     if "cuda" in state and env.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], env.device)
     return {int(k): v for k, v in json.loads(state["stream"]).items()}
@@ -96,26 +97,6 @@ def load_latest(ckpt_dir: str) -> dict[str, Any] | None:
 
 def position_from(payload: dict[str, Any]) -> Position:
     return Position(epoch=int(payload["epoch"]), step_in_epoch=int(payload["step_in_epoch"]),
-                    step=int(payload["step"]), running=float(payload["running"]), seen=int(payload["seen"]),
+                    step=int(payload["step"]), loss_sum=float(payload["running"]),
+                    loss_steps=int(payload["seen"]),
                     history=json.loads(payload["history"]), best=json.loads(payload["best"]))
-
-
-def _jsonable(value: Any) -> Any:
-    # numpy/python RNG states are tuples holding arrays and big ints; JSON keeps them exactly.
-    if isinstance(value, np.ndarray):
-        return {"__array__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_jsonable(v) for v in value]}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict) and "__array__" in value:
-        return np.asarray(value["__array__"], dtype=value["dtype"])
-    if isinstance(value, dict) and "__tuple__" in value:
-        return tuple(_from_jsonable(v) for v in value["__tuple__"])
-    if isinstance(value, list):
-        return [_from_jsonable(v) for v in value]
-    return value

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from cmkd.errors import CmkdError
+
 # Extensions libsndfile decodes (WAV, FLAC, OGG/Opus, MP3, AIFF, ...); others are not audio to us.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-class RecipeError(ValueError):
+class RecipeError(CmkdError, ValueError):
     """Source metadata is wrong or incomplete; the message names file, row and the fix."""
 
 

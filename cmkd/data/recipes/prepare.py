@@ -99,7 +99,7 @@ def prepare(recipe: str, src: str | os.PathLike, dest: str, options: PrepareOpti
     if quiet:
         plan = spec.make_plan(src, **recipe_options)  # every metadata error surfaces before anything is written
     else:
-        from cmkd.train.progress import console
+        from cmkd.console import console
 
         with console.status(f"{spec.name}: reading the metadata and listing the audio files of {src} ..."):
             plan = spec.make_plan(src, **recipe_options)
@@ -152,8 +152,8 @@ def _run_plan(plan: Plan, root: str, opts: PrepareOptions, default_clip_seconds:
         TimeRemainingColumn,
     )
 
+    from cmkd.console import console
     from cmkd.data.writer import DatasetWriter
-    from cmkd.train.progress import console
 
     t0 = time.perf_counter()
     clip_seconds = float(opts.clip_seconds or default_clip_seconds)
@@ -305,7 +305,7 @@ def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
 
 
 def print_summary(report: PrepareReport) -> None:
-    from cmkd.train.progress import console, out, table
+    from cmkd.console import console, out, table
 
     rows = [(s, r.listed + r.missing, r.written, r.skipped, r.missing, r.shards, f"{r.seconds / 3600:.2f}")
             for s, r in report.splits.items()]

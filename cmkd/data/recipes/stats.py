@@ -49,9 +49,9 @@ def _recompute(url: str, splits: list[str] | None, max_clips: int | None, write:
                storage_options: dict[str, Any] | None) -> StatsResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cmkd.console import console
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.train.progress import console
 
     if max_clips is not None and max_clips < 2:
         raise ManifestError(f"--max-clips must be at least 2, got {max_clips}")

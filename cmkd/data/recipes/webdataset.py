@@ -147,7 +147,7 @@ def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOpti
           quiet: bool) -> dict[str, SplitScan]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmkd.train.progress import console
+    from cmkd.console import console
 
     urls = {name: expand(base, pattern) for name, pattern in patterns.items()}
     progress = Progress(TextColumn("[bold]counting {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -186,9 +186,9 @@ def _only(counters: Any) -> str | None:
 
 def _norm(manifest: Manifest, splits: list[str], opts: AdoptOptions, quiet: bool) -> tuple[Any, int]:
     """fbank mean/std over the first ``norm_clips`` usable clips of ``splits`` (None if fewer than 2)."""
+    from cmkd.console import console
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.train.progress import console
 
     acc = NormStats(manifest.sample_rate)
     urls = [u for s in splits for u in manifest.shard_urls(s)]
@@ -212,7 +212,7 @@ class _nothing:
 
 
 def _summary(report: AdoptReport, norm_splits: list[str]) -> None:
-    from cmkd.train.progress import console, out, table
+    from cmkd.console import console, out, table
 
     m = report.manifest
     rows = [(name, s.shards, s.samples, sum(1 for p in report.problems if p.url in m.shard_urls(name)))

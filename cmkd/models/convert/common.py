@@ -13,12 +13,13 @@ from typing import Any, Mapping
 import torch
 
 from cmkd import storage
+from cmkd.errors import CmkdError
 
 # The AST release's AudioSet front end (ast src/run.sh / src/dataloader.py): 16 kHz, 128 mel bins, 1024 frames.
 AUDIOSET_NORM = (-4.2677393, 4.5689974)
 
 
-class ConvertError(ValueError):
+class ConvertError(CmkdError, ValueError):
     """A source that cannot be imported; the message says what was found and what is supported."""
 
 
@@ -38,7 +39,7 @@ class Imported:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def payload(self) -> dict[str, Any]:
-        """The dict ``cmkd.train.checkpoint.save`` writes (same fields as a trained stage's best.pt)."""
+        """The dict ``cmkd.checkpoint.save`` writes (same fields as a trained stage's best.pt)."""
         # clip_samples: the clip length whose Kaldi framing gives exactly target_frames (25 ms / 10 ms).
         win, hop = self.sample_rate * 25 // 1000, self.sample_rate * 10 // 1000
         clip_samples = win + (self.target_frames - 1) * hop

@@ -1,4 +1,4 @@
-"""`cmkd eval`: metrics of one checkpoint, or of an ensemble and each member, on a prepared split."""
+"""Scoring a prepared split: metrics of one checkpoint, or of an ensemble and each member (`cmkd eval`, report)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
+from cmkd.data.manifest import Manifest
+from cmkd.data.stream import EVAL_SPLIT_NAMES, iter_samples
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel
-from cmkd.train.evaluate import _ensemble_combiner
+from cmkd.models.inference import ensemble_combiner
 from cmkd.train.metrics import compute_metrics, per_class
 
 
@@ -54,8 +56,6 @@ class _SplitReader(torch.utils.data.IterableDataset):
         self.split, self.sample_rate = split, sample_rate
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from cmkd.data.stream import iter_samples
-
         info = torch.utils.data.get_worker_info()
         urls = self.split.urls if info is None else self.split.urls[info.id :: info.num_workers]
         index = {c: i for i, c in enumerate(self.split.classes)}
@@ -68,9 +68,6 @@ class _SplitReader(torch.utils.data.IterableDataset):
 
 def open_split(data: str, split: str | None) -> Split:
     """The split of the dataset at ``data`` to score (default: eval, val or test)."""
-    from cmkd.data.manifest import Manifest
-    from cmkd.data.stream import EVAL_SPLIT_NAMES
-
     manifest = Manifest.load(data)
     if split is None:
         split = next((s for s in EVAL_SPLIT_NAMES if s in manifest.splits), None)
@@ -120,7 +117,7 @@ def predict_split(models: Sequence[LoadedModel], batches: Any, device: torch.dev
     logits = [np.concatenate(chunks) for chunks in member]
     combined = logits[0]
     if len(models) > 1:  # the training code's ensemble rule: average probabilities
-        combine = _ensemble_combiner(models[0].multilabel)
+        combine = ensemble_combiner(models[0].multilabel)
         combined = combine([torch.from_numpy(z) for z in logits]).numpy()
     return Predictions(keys, np.concatenate(targets), logits, combined)
 

@@ -1,0 +1,39 @@
+"""What every `cmkd` command shares: the error exit and the errors it turns into one line."""
+
+from __future__ import annotations
+
+import re
+
+import typer
+from rich.markup import escape
+
+from cmkd.console import console
+from cmkd.errors import user_errors
+
+USER_ERRORS = user_errors()  # CmkdError and a missing/forbidden file: a message (exit code 2), not a traceback
+OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
+                 "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """cmkd's error exit: ``message`` (rich markup) on stderr's console, then exit ``code``."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def fail_verbatim(message: str, code: int = 2) -> None:
+    """:func:`fail` with the message shown as is (paths and shapes may hold [brackets])."""
+    fail(escape(message), code)
+
+
+def exit_code(err: BaseException) -> int:
+    return int(getattr(err, "exit_code", 2))
+
+
+def message(err: BaseException) -> str:
+    """The error's own message: without the DataLoader worker's traceback text and without the
+    "In call to configurable 'train' (<function ...>)" lines gin appends on the way out."""
+    from cmkd.data.stream import worker_error_message  # late: the CLI starts (and --help answers) without torch
+
+    return re.sub(r"\n\s*In call to configurable '[^']*' \([^\n]*\)(?: in scope '[^']*')?", "",
+                  worker_error_message(err))

@@ -1,0 +1,38 @@
+"""Which device to run on, and mixed precision there."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from cmkd.errors import CmkdError
+
+
+class DistributedSetupError(CmkdError, RuntimeError):
+    """The launcher's environment does not describe a usable process group."""
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when visible, else CPU; ``cuda`` → this process's ``LOCAL_RANK`` device."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        index = local_rank if preference == "cuda" else int(preference.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise DistributedSetupError(
+                f"process with LOCAL_RANK {local_rank} wants cuda:{index} but only {torch.cuda.device_count()} "
+                f"CUDA device(s) are visible; use --nproc-per-node <= {torch.cuda.device_count()} "
+                f"(or --device cpu to train on CPUs with gloo)"
+            )
+        return torch.device("cuda", index)
+    return torch.device(preference)
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU training stays fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,73 @@
+"""Loading every component: the built-ins, then third-party plugins (entry points)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from cmkd.registry import origin
+
+log = logging.getLogger(__name__)
+
+# Importing these registers cmkd's own components; nothing else happens at import time. They are
+# named, not imported: the training loop and the experiment register gin configurables (train,
+# experiment) that a saved config binds, yet they sit above every module that loads a checkpoint.
+BUILTIN_MODULES = (
+    "cmkd.audio.features",
+    "cmkd.models.backbones",
+    "cmkd.models.poolers",
+    "cmkd.models.heads",
+    "cmkd.models.classifier",
+    "cmkd.distill.losses",
+    "cmkd.distill.strategies",
+    "cmkd.data.stream",
+    "cmkd.data.synthetic.dataset",
+    "cmkd.train.loop",
+    "cmkd.experiment",
+)
+
+PLUGIN_GROUP = "cmkd.plugins"
+
+
+@dataclass
+class PluginStatus:
+    name: str
+    module: str
+    distribution: str
+    error: str | None = None
+
+
+_loaded = False
+plugin_status: list[PluginStatus] = []
+
+
+def plugin_modules() -> list[str]:
+    """The modules that installed packages name as cmkd plugins (entry points), imported or not."""
+    return [ep.module for ep in entry_points(group=PLUGIN_GROUP)]
+
+
+def load_all() -> list[PluginStatus]:
+    """Register built-ins and discover plugins, once per process.
+
+    A plugin that fails to import is recorded (and reported by `cmkd registry`) but never
+    fatal: runs that do not use it go on; runs that do get an unknown-name error.
+    """
+    global _loaded
+    if _loaded:
+        return plugin_status
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        dist = ep.dist.name if ep.dist else "?"
+        status = PluginStatus(ep.name, ep.value, dist)
+        try:
+            with origin(f"plugin {dist}"):
+                ep.load()
+        except Exception as err:  # noqa: BLE001 - any plugin bug must not stop cmkd
+            status.error = f"{type(err).__name__}: {err}"
+            log.warning("cmkd plugin %r (%s from %s) failed to import: %s", ep.name, ep.value, dist, status.error)
+        plugin_status.append(status)
+    _loaded = True
+    return plugin_status

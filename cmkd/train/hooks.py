@@ -1,0 +1,52 @@
+"""What the training loop tells observers (experiment trackers, loggers) without knowing them."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Callback(Protocol):
+    """Hooks called on rank 0 and every rank alike; implement any subset (missing ones are skipped)."""
+
+    def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        """Every ``train.log_every`` steps: the window's mean loss and strategy logs (already on the host)."""
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        """After an epoch's evaluation: the record written to metrics.jsonl."""
+
+    def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """After the stage: its summary.json."""
+
+
+callbacks: list[Any] = []  # registered observers, e.g. a TensorBoard writer a plugin appends
+
+
+def notify(event: str, trainer: Any, payload: dict[str, Any]) -> None:
+    for cb in callbacks:
+        hook = getattr(cb, event, None)
+        if hook is not None:
+            hook(trainer, payload)
+
+
+class StepLogs:
+    """The strategy's logs summed on the device between two reads: one host sync per ``log_every`` steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
+        for key, value in {"loss": loss.detach(), **logs}.items():
+            if not isinstance(value, (torch.Tensor, int, float)):
+                continue  # a plugin strategy's other logs (text, lists) are not averaged
+            value = torch.as_tensor(value, dtype=torch.float32, device=loss.device).detach()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The window's means (emptied): the one place the step logs reach the host."""
+        means = {k: (v / max(1, self.steps)).item() for k, v in self.sums.items()}  # host sync
+        self.sums, self.steps = {}, 0
+        return means

@@ -1,0 +1,69 @@
+"""A stage checked without training it: run for every stage before the first one trains."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+import gin
+from cmkd import checkpoint, storage
+from cmkd.config import binding_location
+from cmkd.distill.offline import check_teacher_logits
+from cmkd.errors import ConfigError
+from cmkd.registry import call_with_context, strategies
+from cmkd.train.settings import TrainSettings, check_settings
+from cmkd.train.stage import StageContext, TrainingError, build_loss, seed_everything
+
+
+def preflight(ctx: StageContext, settings: TrainSettings) -> dict[str, Any]:
+    """Check a stage: its train/optimizer/schedule settings, its dataset (opened: the manifest is
+    read), and its strategy when it has teachers (built with every teacher reference resolved by
+    ``ctx.resolve_teacher`` and checked, but not loaded) or stored teacher logits (offline_kd:
+    files present, classes matching, mixup off; the rows are not read). Returns the dataset's
+    classes and the teacher references, for the experiment's cross-stage checks."""
+    s = settings
+    s.check(ctx.stage)
+    seed_everything(s.seed + ctx.env.rank)
+    ds = s.dataset if not callable(s.dataset) or hasattr(s.dataset, "train_loader") else call_with_context(s.dataset)
+    if not hasattr(ds, "train_loader"):
+        raise ConfigError(f"stage {ctx.stage!r}: train.dataset is {ds!r}, not a dataset; bind a registered one, "
+                          f"e.g. train.dataset = @datasets.webdataset (`cmkd registry datasets` lists them)")
+    check_settings(ctx.stage, "optimizer", gin.get_bindings("optimizer"))
+    check_settings(ctx.stage, "schedule", gin.get_bindings("schedule"))
+    refs: list[str] = []
+
+    def check_teacher(ref: str) -> nn.Module:
+        refs.append(ref)
+        if not isinstance(ref, str):
+            raise ConfigError(f"stage {ctx.stage!r}: a teacher must be a stage name or a .pt path, got {ref!r}")
+        url = ctx.resolve_teacher(ref, s.teacher_checkpoint)
+        if url is not None:  # None: a stage this run trains first; its checkpoint does not exist yet
+            if not storage.exists(url):
+                raise checkpoint.CheckpointError(f"stage {ctx.stage!r}: teacher checkpoint {url} does not exist; "
+                                                 f"check the path, or train that stage first")
+            classes = checkpoint.load(url)["classes"]
+            if list(classes) != list(ds.classes):
+                raise TrainingError(f"teacher {url} was trained on classes {list(classes)[:5]}... but stage "
+                                    f"{ctx.stage!r} trains on {list(ds.classes)[:5]}...; distil on the dataset the "
+                                    f"teacher was trained on")
+        return nn.Identity()  # stands in for the teacher: nothing is loaded at the door
+
+    factory = s.strategy or strategies.get("none")
+    params = inspect.signature(factory).parameters if callable(factory) else {}
+    if "load_teacher" not in params and "load_logits" not in params:
+        return {"classes": list(ds.classes), "teachers": refs}  # no teachers to check; build it at the stage
+    try:  # offline_kd: its stored logits (keys + .npy header, not the rows) and train.mixup = 0, checked now
+        call_with_context(factory, loss=build_loss(s.loss, ds.multilabel), multilabel=ds.multilabel,
+                          load_teacher=check_teacher, load_logits=check_teacher_logits, device=torch.device("cpu"),
+                          dataset=ds, mixup=s.mixup)
+    except (ConfigError, TrainingError, checkpoint.CheckpointError):
+        raise
+    except (TypeError, ValueError) as err:
+        msg = str(err).replace("<stage>/", f"{ctx.stage}/")  # the strategy does not know its stage; we do
+        where = binding_location("train", "mixup", ctx.stage) if "train.mixup" in msg else None
+        raise ConfigError(f"stage {ctx.stage!r}: its strategy cannot be built before any stage trains: {msg}"
+                          f"{f' (train.mixup is set at {where})' if where else ''}") from None
+    return {"classes": list(ds.classes), "teachers": refs}
