@@ -90,9 +90,7 @@ def find_stages(run_dir: str) -> tuple[str, list[Stage]]:
 
 
 def _is_dir(url: str) -> bool:
-    from fsspec.core import url_to_fs
-
-    fs, inner = url_to_fs(url)
+    fs, inner = storage.url_to_fs(url)
     return bool(fs.isdir(inner))
 
 
