@@ -22,7 +22,8 @@ app = typer.Typer(
 
 @app.command()
 def run(
-    configs: List[str] = typer.Argument(..., help="gin files (e.g. gin/cnn_to_ast.gin); later ones override earlier"),
+    configs: List[str] = typer.Argument(..., help="gin files or shipped recipe names (cnn_to_ast.gin, esc50/cnn_to_ast; "
+                                        "`cmkd recipes` lists them); later ones override earlier"),
     bind: List[str] = typer.Option([], "-b", "--bind", help="gin binding overriding the files, e.g. 'train.epochs=3'"),
     run_dir: str = typer.Option("runs", help="where runs/<experiment>/<stage>/ go (a path or fsspec URL)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
@@ -115,6 +116,18 @@ def registry(kind: Optional[str] = typer.Argument(None, help="one kind, e.g. bac
     for p in statuses:
         if p.error:
             out.print(f"[yellow]plugin {p.name!r} ({p.module} from {p.distribution}) failed to load:[/] {p.error}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes shipped with cmkd: names that `cmkd run` finds from any folder."""
+    from cmkd import config
+    from cmkd.console import out
+
+    out.print(f"recipes in {config.recipes_dir()} (`cmkd run NAME`, e.g. `cmkd run cnn_to_ast.gin`):",
+              highlight=False, soft_wrap=True)
+    for name in config.list_recipes():
+        out.print(f"  {name}", highlight=False)
 
 
 def _register_command_modules() -> None:

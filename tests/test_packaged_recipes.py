@@ -62,3 +62,14 @@ def test_the_wheel_carries_every_recipe(tmp_path):
     inside = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".gin")}
     expected = {f"cmkd/recipes/{n}" for n in config.list_recipes()}
     assert expected and expected <= inside
+
+
+def test_cmkd_recipes_lists_names_that_run_accepts(tmp_path):
+    cmkd = Path(sys.executable).with_name("cmkd")
+    res = subprocess.run([str(cmkd), "recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    listed = [line.strip() for line in res.stdout.splitlines()[1:]]
+    assert "cnn_to_ast.gin" in listed and "esc50/cnn_to_ast.gin" in listed
+    assert listed == config.list_recipes()
+    # every listed name resolves from a folder that has no gin/ of its own
+    assert all(config.resolve_recipe(name).is_file() for name in listed)
