@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import pytest
 import soundfile as sf
-
 from docs_examples import PAGES, ROOT, SKIP_KINDS, Block, all_blocks, blocks, console_commands
 from helpers import cmkd_env, run_cmkd, write_gin
 from tones import write_tone_dataset
@@ -65,7 +64,8 @@ def _using_a_model(folder: Path, env: dict[str, str]) -> None:
     write_tone_dataset(str(folder / "data" / "esc10"),
                        {f"fold{f}": [(f"{f}-{c}", [c], 1.0) for c in ESC10] for f in range(1, 6)},
                        classes=ESC10, multilabel=False, clip_seconds=1.0)
-    for name, config in (("esc10_cnn", ESC10_CNN_GIN), ("tiny", TINY_GIN.replace("train.epochs = 2", "train.epochs = 1"))):
+    tiny = TINY_GIN.replace("train.epochs = 2", "train.epochs = 1")
+    for name, config in (("esc10_cnn", ESC10_CNN_GIN), ("tiny", tiny)):
         write_gin(folder / f"{name}.gin", config)
         run_cmkd(["run", f"{name}.gin", "--run-dir", "runs", "--device", "cpu"], env=env, cwd=folder).check()
     clips = folder / "clips"

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from docs_examples import ROOT, blocks
 from helpers import cmkd_env, run_cmkd
 
@@ -74,8 +73,8 @@ def test_plugin_tutorial_installs_lists_and_trains(tmp_path: Path) -> None:
     install, listing, train = _commands()
     assert install == "pip install -e my-plugin"
     site = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), "./my-plugin"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    pip_install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), "./my-plugin"]
+    pip = subprocess.run(pip_install, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, f"the page's pyproject.toml does not install:\n{pip.stdout}\n{pip.stderr}"
 
     with_plugin = cmkd_env(tmp_path)

@@ -414,7 +414,8 @@ class ShardDataset:
             # the default never collides with a training split (teacher-logits may score `eval` as one)
             eval_split = next((s for s in EVAL_SPLIT_NAMES if s in m.splits and s not in self.train_splits), None)
         elif eval_split not in m.splits:
-            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; it has {sorted(m.splits)}. Name another in gin: "
+            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; it has {sorted(m.splits)}. "
+                                f"Name another in gin: "
                                 f"`datasets.webdataset.eval_split = '<split>'`")
         if eval_split is not None and eval_split in self.train_splits:
             raise ManifestError(f"{self.root}: split {eval_split!r} is both a training and the eval split; "
