@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import TINY_AST, TINY_CNN
 from typer.testing import CliRunner
 
 from cmkd.cli import app
 from cmkd.models.factory import load_model
-from helpers import TINY_AST, TINY_CNN
 
 SR = 16000
 CLIP_S = 1.0
@@ -511,7 +511,8 @@ def test_multilabel_eval_ensemble_and_report(multi, tmp_path):
 
     from cmkd.train.metrics import compute_metrics
 
-    res = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--format", "json", "--device", "cpu", "--num-workers", "0")
+    res = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--format", "json", "--device", "cpu",
+              "--num-workers", "0")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     assert got["multilabel"] and got["ensemble"] and got["samples"] == 24

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from helpers import CMKD, cmkd_env, run_cmkd
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -96,7 +95,8 @@ def test_killed_prepare_leaves_no_workers_and_the_next_run_removes_its_temp_file
 
     live = dest / f"eval-000000.tar.tmp-{os.getpid()}"  # a writer that is still running: not touched
     live.write_bytes(b"in progress")
-    run_cmkd(["prepare", "folder", _source(tmp_path / "small", clips=4), dest, "--num-workers", "0", "--clip-seconds", "1"],
+    run_cmkd(["prepare", "folder", _source(tmp_path / "small", clips=4), dest, "--num-workers", "0",
+              "--clip-seconds", "1"],
              env=cmkd_env(tmp_path), timeout=120).check()
     assert not any(t.exists() for t in temps), "the dead writer's temp file is still there"
     assert live.exists()
