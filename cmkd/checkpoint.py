@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import cmkd
-from cmkd import storage
+from cmkd import plugins, storage
 from cmkd.errors import CmkdError
 
 FORMAT = "cmkd-checkpoint"
@@ -29,6 +29,8 @@ class CheckpointError(CmkdError, RuntimeError):
 def save(url: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``url`` all-or-nothing (never a half-written ``last.pt``)."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "cmkd_version": cmkd.__version__, **payload}
+    if "config" in payload and "plugins" not in payload:  # what to install where this plugin is missing
+        payload["plugins"] = plugins.plugin_components(payload["config"])
     buf = io.BytesIO()
     torch.save(payload, buf)
     storage.write_bytes(url, buf.getvalue())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -71,3 +72,30 @@ def load_all() -> list[PluginStatus]:
         plugin_status.append(status)
     _loaded = True
     return plugin_status
+
+
+_REFERENCE = re.compile(r"@(\w+)\.(\w+)")
+
+
+def plugin_components(config_text: str) -> dict[str, str]:
+    """``{"backbones.tiny_cnn": "my-plugin"}``: the components ``config_text`` names that a plugin
+    registered, with the package that provides them (a checkpoint keeps it, to say what to install)."""
+    from cmkd.registry import REGISTRIES
+
+    found = {}
+    for kind, name in _REFERENCE.findall(config_text or ""):
+        registry = REGISTRIES.get(kind)
+        entry = {e.name: e for e in registry.entries()}.get(name) if registry else None
+        if entry is not None and entry.origin.startswith("plugin "):
+            found[f"{kind}.{name}"] = entry.origin.removeprefix("plugin ")
+    return found
+
+
+def install_hint(recorded: dict[str, str] | None, message: str) -> str:
+    """For an error about a component the checkpoint's plugin provided: which package to install."""
+    packages = sorted({dist for selector, dist in (recorded or {}).items() if selector in message})
+    if not packages:
+        return ""
+    names = " ".join(packages)
+    return (f"; {'it is' if len(packages) == 1 else 'they are'} provided by the plugin package "
+            f"{', '.join(repr(p) for p in packages)}: `pip install {names}` and try again")

@@ -36,7 +36,9 @@ class Entry:
 
     @property
     def doc(self) -> str:
-        return (inspect.getdoc(self.obj) or "").split("\n", 1)[0]
+        # the object's own docstring: a plugin class without one must not show nn.Module's
+        own = vars(self.obj).get("__doc__") if inspect.isclass(self.obj) else getattr(self.obj, "__doc__", None)
+        return (inspect.cleandoc(own) if isinstance(own, str) else "").split("\n", 1)[0]
 
 
 class Registry:

@@ -196,7 +196,7 @@ def _split_predictions(ckpt: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_eval_json_equals_compute_metrics(tiny):
     from cmkd.train.metrics import compute_metrics
 
-    res = cli("eval", tiny["student"], tiny["data"], "--json", "--device", "cpu", "--workers", "0")
+    res = cli("eval", tiny["student"], tiny["data"], "--format", "json", "--device", "cpu", "--num-workers", "0")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     logits, targets = _split_predictions(tiny["student"], tiny["data"])
@@ -207,7 +207,7 @@ def test_eval_json_equals_compute_metrics(tiny):
     assert [r["class"] for r in got["per_class"]] == ["tone", "chirp_up", "chirp_down", "noise_burst"]
     assert sum(r["support"] for r in got["per_class"]) == 24
 
-    table = cli("eval", tiny["student"], tiny["data"], "--device", "cpu", "--workers", "2")  # workers split shards
+    table = cli("eval", tiny["student"], tiny["data"], "--device", "cpu", "--num-workers", "2")  # workers split shards
     assert table.exit_code == 0 and "per class" in table.stdout and "chirp_down" in table.stdout
     assert f"{want['accuracy']:.4f}" in table.stdout
 
@@ -217,7 +217,7 @@ def test_eval_ensemble_of_two_checkpoints(tiny):
 
     from cmkd.train.metrics import compute_metrics
 
-    res = cli("eval", tiny["teacher"], tiny["student"], tiny["data"], "--json", "--workers", "0")
+    res = cli("eval", tiny["teacher"], tiny["student"], tiny["data"], "--format", "json", "--num-workers", "0")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     assert got["ensemble"] and [m["stage"] for m in got["members"]] == ["teacher", "student"]
@@ -511,7 +511,8 @@ def test_multilabel_eval_ensemble_and_report(multi, tmp_path):
 
     from cmkd.train.metrics import compute_metrics
 
-    res = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--json", "--device", "cpu", "--workers", "0")
+    res = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--format", "json", "--device", "cpu",
+              "--num-workers", "0")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     assert got["multilabel"] and got["ensemble"] and got["samples"] == 24
@@ -527,7 +528,7 @@ def test_multilabel_eval_ensemble_and_report(multi, tmp_path):
     assert [r["support"] for r in got["per_class"]] == y.sum(0).astype(int).tolist()
     assert all(set(r) == {"class", "ap", "auc", "support"} for r in got["per_class"])
 
-    table = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--device", "cpu", "--workers", "0")
+    table = cli("eval", multi["ast"], multi["cnn"], multi["data"], "--device", "cpu", "--num-workers", "0")
     assert table.exit_code == 0 and "ensemble of 2" in table.stdout and "mAP" in table.stdout
     assert "accuracy" not in table.stdout and "recall" not in table.stdout
 
@@ -589,6 +590,6 @@ def test_cnn_checkpoint_runs_on_another_clip_length(multi, audio_dir):
         per_window = trained.classifier.embed(trained.featurizer(wave.reshape(6, SR // 2))).mean(0)
     assert (per_window - emb[0]).abs().max() > 1e-3  # 1000 x the tolerance above (embeddings ~1e-2 here)
 
-    res = cli("eval", multi["cnn"], multi["data"], "--clip-seconds", "1", "--json", "--workers", "0")
+    res = cli("eval", multi["cnn"], multi["data"], "--clip-seconds", "1", "--format", "json", "--num-workers", "0")
     assert res.exit_code == 0, res.output  # 0.5 s clips, padded to the 1 s input
     assert all(np.isfinite(v) for v in json.loads(res.stdout)["metrics"].values())

@@ -320,3 +320,54 @@ def test_docs_flow_teacher_stage_then_logits_then_offline_student(tmp_path: Path
     assert summaries["student"]["strategy"] == "OfflineKD" and summaries["student"]["teachers"] == []
     assert sorted(p.name for p in (runs / "toy" / "teacher" / "checkpoints").iterdir()) == teacher_files
     assert json.loads((runs / "toy" / "student" / "summary.json").read_text())["finished"]
+
+
+def test_teacher_logits_on_fold_splits_like_esc50(tmp_path: Path, write_tones) -> None:
+    """ESC-50 has folds, no `train`: --train-split names them, each fold gets its own file, and
+    offline_kd on those training folds reads them; without the flags the error is whole and says what to pass."""
+    root = str(tmp_path / "data")
+    folds = {f"fold{f}": [(f"f{f}c{i}", [CLASSES[i % 3]], 0.3) for i in range(3)] for f in (1, 2, 3)}
+    manifest = write_tones(root, folds, classes=CLASSES, clip_seconds=0.3)
+    ckpt = str(tmp_path / "runs" / "tones" / "teacher" / "checkpoints" / "best.pt")
+    _teacher_checkpoint(ckpt, manifest)
+    base = ["teacher-logits", ckpt, root, "--device", "cpu", "--num-workers", "0"]
+    runner = CliRunner()
+
+    res = runner.invoke(app, base, terminal_width=400)
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and "has no 'train' split (it has fold1, fold2, fold3)" in flat, flat
+    assert flat.rstrip().endswith("or --split NAME") and "train_split=" not in flat
+
+    res = runner.invoke(app, [*base, "--train-split", "fold1", "--train-split", "fold2"], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    for fold in ("fold1", "fold2"):
+        url = default_logits_url(root, "tones-teacher", fold)
+        assert np.load(url, allow_pickle=False).shape == (3, 3)
+        assert json.loads(Path(keys_url(url)).read_text())["split"] == fold
+    assert not Path(default_logits_url(root, "tones-teacher", "fold3")).exists()
+
+    res = runner.invoke(app, [*base, "--split", "fold3"], terminal_width=400)  # one held-out fold, alone
+    assert res.exit_code == 0, res.output and Path(default_logits_url(root, "tones-teacher", "fold3")).exists()
+    res = runner.invoke(app, [*base, "--split", "fold9"], terminal_width=400)
+    assert res.exit_code == 2 and "--split fold9: no such split" in res.output
+
+    ds = webdataset(root, train_split=["fold1", "fold2"], num_workers=0)
+    strat = call_with_context(strategies.get("offline_kd"), loss=BCE(), multilabel=ds.multilabel, dataset=ds,
+                              teacher="tones-teacher", lam=0.0)
+    batch = next(iter(ds.train_loader(4, seed=1)))
+    loss, _ = strat(None, torch.zeros(4, 3), batch["target"], keys=batch["key"])
+    assert torch.isfinite(loss)
+
+
+def test_old_flag_spellings_work_with_a_deprecation_note(tmp_path: Path, write_tones) -> None:
+    """--out (and the other old spellings) still work for one release; stderr says what replaces them."""
+    root = str(tmp_path / "data")
+    manifest = write_tones(root, {"train": [("t0", ["low"], 0.3)]}, classes=CLASSES, clip_seconds=0.3)
+    ckpt = str(tmp_path / "teacher.pt")
+    _teacher_checkpoint(ckpt, manifest)
+    target = str(tmp_path / "logits.npy")
+    res = CliRunner().invoke(app, ["teacher-logits", ckpt, root, "--device", "cpu", "--num-workers", "0",
+                                   "--out", target], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    assert "note: --out is deprecated and will be removed in the next release; use --output" in res.output
+    assert np.load(target, allow_pickle=False).shape == (1, 3)

@@ -87,7 +87,7 @@ def esc50(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
     """An ESC-50 release and its prepared copy (through the CLI), shared read-only by the module."""
     base = tmp_path_factory.mktemp("esc")
     src, dest = make_esc50(base / "ESC-50-master"), base / "esc50"
-    result = cli("prepare", "esc50", str(src), str(dest), "--workers", "0", "--shard-max-count", "2")
+    result = cli("prepare", "esc50", str(src), str(dest), "--num-workers", "0", "--shard-max-count", "2")
     return src, dest, result
 
 
@@ -147,7 +147,7 @@ def test_esc50_inconsistent_metadata_names_the_row(tmp_path: Path) -> None:
     src = make_esc50(tmp_path / "src", corrupt=False)
     text = (src / "meta" / "esc50.csv").read_text().replace("2-1001-A-1.wav,2,1,rooster", "2-1001-A-1.wav,2,7,rooster")
     (src / "meta" / "esc50.csv").write_text(text)
-    result = cli("prepare", "esc50", str(src), str(tmp_path / "out"), "--workers", "0")
+    result = cli("prepare", "esc50", str(src), str(tmp_path / "out"), "--num-workers", "0")
     assert result.exit_code == 2
     assert "meta/esc50.csv line 6" in result.output and "rooster" in result.output and "target" in result.output
     assert not (tmp_path / "out").exists()  # nothing written before the metadata is checked
@@ -156,7 +156,7 @@ def test_esc50_inconsistent_metadata_names_the_row(tmp_path: Path) -> None:
 def test_existing_dataset_needs_overwrite_and_bad_options_are_named(tmp_path: Path,
                                                                     esc50: tuple[Path, Path, Any]) -> None:
     src, dest, _ = esc50
-    result = cli("prepare", "esc50", str(src), str(dest), "--workers", "0")
+    result = cli("prepare", "esc50", str(src), str(dest), "--num-workers", "0")
     assert result.exit_code == 2
     assert "already holds a prepared dataset" in result.output and "--overwrite" in result.output
     assert Manifest.load(str(dest)).splits["fold1"].samples == 3  # untouched
@@ -212,7 +212,7 @@ def test_fsd50k_multilabel_splits_with_a_worker_process(tmp_path: Path) -> None:
 
 def test_fsd50k_unknown_label_names_file_and_row_and_writes_nothing(tmp_path: Path) -> None:
     src = make_fsd50k(tmp_path / "FSD50K", bad_label=True)
-    result = cli("prepare", "fsd50k", str(src), str(tmp_path / "out"), "--workers", "0")
+    result = cli("prepare", "fsd50k", str(src), str(tmp_path / "out"), "--num-workers", "0")
     assert result.exit_code == 2
     out = result.output
     assert "FSD50K.ground_truth/dev.csv line 5" in out and "fname 104" in out and "'Barking'" in out
@@ -243,7 +243,7 @@ def make_audioset(root: Path, unknown_mid: bool = False) -> Path:
 def test_audioset_counts_missing_clips_and_uses_the_pattern(tmp_path: Path) -> None:
     src = make_audioset(tmp_path / "as")
     meta = src / "meta"
-    result = cli("prepare", "audioset", str(src / "clips"), str(tmp_path / "out"), "--workers", "0",
+    result = cli("prepare", "audioset", str(src / "clips"), str(tmp_path / "out"), "--num-workers", "0",
                  "--balanced", str(meta / "balanced.csv"), "--eval", str(meta / "eval.csv"),
                  "--labels", str(meta / "class_labels_indices.csv"), "--clip-pattern", "sub/Y{ytid}")
     assert result.exit_code == 0, result.output
@@ -275,7 +275,7 @@ def test_folder_with_split_column_multilabel_and_class_file(tmp_path: Path) -> N
     rows = ["a/1.wav,dog;cat,train", 'a/2.wav,"cat,bird",train', "b/3.wav,bird,valid", "b/4.wav,dog,train"]
     src = make_folder(tmp_path / "src", rows, "file,labels,split")
     (tmp_path / "classes.txt").write_text("# my classes\ndog\ncat\nbird\nfish\n")
-    result = cli("prepare", "folder", str(src), str(tmp_path / "out"), "--workers", "0", "--multilabel",
+    result = cli("prepare", "folder", str(src), str(tmp_path / "out"), "--num-workers", "0", "--multilabel",
                  "--classes", str(tmp_path / "classes.txt"))
     assert result.exit_code == 0, result.output
     m = Manifest.load(str(tmp_path / "out"))
@@ -334,7 +334,8 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
     import s3fs
 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("cmkd-prepare")
-    result = cli("prepare", "esc50", str(esc50[0]), "s3://cmkd-prepare/esc50", "--workers", "0", "--clip-seconds", "1")
+    result = cli("prepare", "esc50", str(esc50[0]), "s3://cmkd-prepare/esc50", "--num-workers", "0",
+                 "--clip-seconds", "1")
     assert result.exit_code == 0, result.output
     assert "wrote s3://cmkd-prepare/esc50/dataset.json" in result.output
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.output  # credentials come from the environment, unprinted
@@ -348,7 +349,7 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
     assert sorted(keys) == sorted(f"5-{1000 + i}-A-{t}" for i, t in enumerate(ESC_CLASSES.values()))
     batch = next(iter(ds.train_loader(4)))
     assert batch["wave"].shape == (4, 16000) and batch["target"].shape == (4, 4)
-    bad = cli("prepare", "esc50", str(esc50[0]), "s3://no-such-bucket-here/esc50", "--workers", "0")
+    bad = cli("prepare", "esc50", str(esc50[0]), "s3://no-such-bucket-here/esc50", "--num-workers", "0")
     assert bad.exit_code == 2 and "bucket 'no-such-bucket-here' does not exist" in bad.output
 
 

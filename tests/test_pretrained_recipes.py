@@ -128,5 +128,5 @@ def test_imported_model_as_frozen_teacher_needs_the_same_classes(tmp_path):
     assert ok.exit_code == 0, ok.output
     # ... and `cmkd eval` scores it on that data like any checkpoint.
     (data,) = (tmp_path / "cache" / "synthetic").iterdir()
-    scored = cli("eval", same, data, "--json", "--workers", "0")
+    scored = cli("eval", same, data, "--format", "json", "--num-workers", "0")
     assert scored.exit_code == 0, scored.output

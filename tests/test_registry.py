@@ -83,3 +83,20 @@ def test_call_with_context_passes_only_declared_parameters():
             self.shape = (in_dim, num_classes)
 
     assert call_with_context(Head, in_dim=4, num_classes=2, loss=None).shape == (4, 2)
+
+
+def test_summary_is_the_components_own_docstring_never_a_base_class_one() -> None:
+    reg = Registry("docless_test")
+
+    @reg.register("bare")
+    class Bare(nn.Module):  # no docstring: nn.Module's "Base class for all neural network modules." must not show
+        pass
+
+    @reg.register("told")
+    class Told(nn.Module):
+        """First line.
+
+        More."""
+
+    entries = {e.name: e.doc for e in reg.entries()}
+    assert entries == {"bare": "", "told": "First line."}

@@ -64,7 +64,7 @@ strategies.logit_kd.teacher = 'teacher'
     work.mkdir()
 
     # The dataset in the bucket is made by the real CLI, from the audio files above.
-    prep = run_cmkd(["prepare", "folder", src, data, "--workers", "0", "--clip-seconds", "0.5",
+    prep = run_cmkd(["prepare", "folder", src, data, "--num-workers", "0", "--clip-seconds", "0.5",
                      "--shard-max-count", "4"], env=env, cwd=work, timeout=120).check()
     assert f"wrote {data}/dataset.json" in prep.output, prep.describe()
     fs.invalidate_cache()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -10,6 +11,7 @@ from rich.markup import escape
 from cmkd.console import console
 from cmkd.errors import user_errors
 
+T = TypeVar("T")
 USER_ERRORS = user_errors()  # CmkdError and a missing/forbidden file: a message (exit code 2), not a traceback
 OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
                  "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
@@ -37,3 +39,24 @@ def message(err: BaseException) -> str:
 
     return re.sub(r"\n\s*In call to configurable '[^']*' \([^\n]*\)(?: in scope '[^']*')?", "",
                   worker_error_message(err))
+
+
+# One vocabulary (issue 18): every command spells a flag the same way. The old spellings below still
+# work for one release and print this note; they are hidden from --help.
+DEPRECATED_FLAGS = {"--out": "--output", "--workers": "--num-workers", "--json": "--format json"}
+
+
+def deprecated_option(*names: str) -> Any:
+    """A hidden typer option for an old spelling; read it with :func:`prefer`."""
+    return typer.Option(None, *names, hidden=True, show_default=False)
+
+
+def prefer(new: T, old: T | None, old_flag: str, default: T | None = None) -> T:
+    """The value of the new flag, or the old spelling's (with a deprecation note on stderr)."""
+    if old is None or old is False:
+        return new
+    console.print(f"note: {old_flag} is deprecated and will be removed in the next release; use "
+                  f"{DEPRECATED_FLAGS[old_flag]}", markup=False, highlight=False)
+    if default is not None and new != default:  # both given: the new spelling wins
+        return new
+    return old

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from cmkd.commands.common import USER_ERRORS, exit_code, fail
+from cmkd.commands.common import USER_ERRORS, deprecated_option, exit_code, fail, prefer
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
@@ -14,7 +14,7 @@ from cmkd.commands.common import USER_ERRORS, exit_code, fail
 RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--workers), smaller shards "
+OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--num-workers), smaller shards "
                  "(--shard-max-mb) or a machine with more RAM; no dataset.json was published, so rerun to start over")
 
 
@@ -28,7 +28,7 @@ def prepare(
     pad: bool = typer.Option(False, help="zero-pad shorter clips to --clip-seconds (readers pad anyway)"),
     shard_max_count: int = typer.Option(1000, help="at most this many clips per shard"),
     shard_max_mb: float = typer.Option(512.0, help="at most this many MiB per shard"),
-    workers: Optional[int] = typer.Option(None, help="decoding processes (0: in this process); default min(4, cores-1)"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="decoding processes (0: in this process); default min(4, cores-1)"),
     seed: int = typer.Option(0, help="seed of the clip order inside each split's shards"),
     name: Optional[str] = typer.Option(None, help="dataset name in dataset.json (default: the recipe's)"),
     norm_split: List[str] = typer.Option([], "--norm-split", help="split(s) whose clips give the norm stats (default: the training split(s))"),
@@ -51,11 +51,13 @@ def prepare(
     split: List[str] = typer.Option([], "--split", help="webdataset: NAME=PATTERN, a brace pattern relative to SRC (repeatable)"),
     norm_clips: int = typer.Option(200, help="webdataset: clips decoded for the normalization statistics"),
     on_error: str = typer.Option("raise", help="webdataset: 'skip' leaves out (and lists) unusable members instead of stopping"),
+    workers: Optional[int] = deprecated_option("--workers"),
 ) -> None:
     """Decode a dataset release and write it as FLAC tar shards + dataset.json (with norm stats)."""
     from cmkd.data.recipes import PrepareOptions
     from cmkd.data.recipes import prepare as run_prepare
 
+    num_workers = prefer(num_workers, workers, "--workers")
     if recipe == "webdataset":
         _adopt(src, dest, locals())
         return
@@ -69,7 +71,7 @@ def prepare(
                  eval_fraction=eval_fraction)
     recipe_options = {k: v for k, v in given.items() if v is not None}  # only what the user typed reaches the recipe
     options = PrepareOptions(sample_rate=sample_rate, clip_seconds=clip_seconds, crop=crop, pad=pad,
-                             shard_max_count=shard_max_count, shard_max_mb=shard_max_mb, workers=workers, seed=seed,
+                             shard_max_count=shard_max_count, shard_max_mb=shard_max_mb, workers=num_workers, seed=seed,
                              overwrite=overwrite, name=name, norm_splits=list(norm_split) or None)
     try:
         run_prepare(recipe, src, dest, options, **recipe_options)
@@ -87,7 +89,7 @@ def _adopt(src: str, dest: str, given: dict) -> None:
     from cmkd.data.recipes.webdataset import AdoptOptions, adopt
 
     other = [k for k in ("allow_missing", "esc10", "balanced", "unbalanced", "eval_csv", "labels", "clip_pattern",
-                         "csv", "eval_fraction", "workers") if given[k] is not None]
+                         "csv", "eval_fraction", "num_workers") if given[k] is not None]
     other += [k for k, default in (("crop", "start"), ("pad", False), ("shard_max_count", 1000),
                                    ("shard_max_mb", 512.0), ("seed", 0)) if given[k] != default]
     if other:

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from cmkd.commands.common import USER_ERRORS, exit_code, fail
+from cmkd.commands.common import USER_ERRORS, deprecated_option, exit_code, fail, prefer
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
@@ -23,7 +23,8 @@ _ERRORS = (*USER_ERRORS, ValueError)
 
 def average(
     checkpoints: List[str] = typer.Argument(..., help="checkpoints of one model (e.g. runs/x/s/checkpoints/*.pt)"),
-    out: str = typer.Option(..., "-o", "--out", help="where to write the averaged checkpoint (path or fsspec URL)"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="where to write the averaged checkpoint (path or fsspec URL)"),
+    out_old: Optional[str] = deprecated_option("--out"),
     allow_config_mismatch: bool = typer.Option(
         False, "--allow-config-mismatch", help="average checkpoints whose gin configs differ (same architecture)"),
 ) -> None:
@@ -31,6 +32,9 @@ def average(
     from cmkd.console import console
     from cmkd.train.averaging import average_checkpoints
 
+    out = prefer(output, out_old, "--out")
+    if not out:
+        fail("give -o/--output, the checkpoint to write, e.g. -o runs/x/student/checkpoints/averaged.pt")
     try:
         average_checkpoints(checkpoints, out, allow_config_mismatch)
     except _ERRORS as err:
@@ -41,45 +45,75 @@ def average(
 def teacher_logits(
     run_or_ckpt: str = typer.Argument(..., help="the teacher: a .pt checkpoint or a stage folder runs/<exp>/<stage>"),
     data: str = typer.Argument(..., help="the dataset root (the folder/URL with dataset.json)"),
-    split: str = typer.Option("train", help="which split to score"),
-    out: Optional[str] = typer.Option(
-        None, help="the .npy to write (default <DATA>/teacher_logits/<name>/<split>.npy; keys beside it)"),
+    split: List[str] = typer.Option(
+        [], "--split", help="split(s) to score, one .npy each (repeatable; default: the training split(s))"),
+    train_split: List[str] = typer.Option(
+        [], "--train-split", help="the dataset's training split(s), as gin's train_split (repeatable; default: train)"),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="the .npy to write, for one split (default <DATA>/teacher_logits/<name>/<split>.npy)"),
     name: Optional[str] = typer.Option(None, help="the logits set's name (default <experiment>-<stage> of the teacher)"),
     checkpoint: str = typer.Option("best", help="for a stage folder: best, last or averaged"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    num_workers: int = typer.Option(2, "--num-workers"),
+    num_workers: int = typer.Option(2, "--num-workers", help="data-loading processes (0: in this process)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (default: exact fp32 logits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing logits of that name and split"),
+    out_old: Optional[str] = deprecated_option("--out"),
 ) -> None:
-    """Score a split once with a teacher and store its logits for strategies.offline_kd."""
+    """Score split(s) once with a teacher and store its logits for strategies.offline_kd."""
     from cmkd import plugins, storage
     from cmkd.checkpoint import resolve
     from cmkd.console import console
+    from cmkd.data.manifest import Manifest
     from cmkd.data.stream import webdataset
     from cmkd.device import pick_device
     from cmkd.distill.offline import compute_teacher_logits, default_logits_url, keys_url, save_teacher_logits
     from cmkd.models.factory import load_model
 
+    out = prefer(output, out_old, "--out")
     plugins.load_all()  # the teacher's config may name plugin components
+    written: list[str] = []
     try:
+        train_splits, splits = _logits_splits(Manifest.load(data), data, list(train_split), list(split))
+        if out and len(splits) > 1:
+            raise ValueError(f"--output names one file but {len(splits)} splits are scored ({', '.join(splits)}); "
+                             f"drop --output (each split gets <DATA>/teacher_logits/<name>/<split>.npy) or give one --split")
         url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
         name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
-        ds = webdataset(data, num_workers=num_workers)
-        target = out or default_logits_url(ds.root, name, split)
-        if not overwrite and (storage.exists(target) or storage.exists(keys_url(target))):
-            raise ValueError(f"{target} already exists; pass --overwrite to replace it, or --name/--out to write elsewhere")
-        keys, logits = compute_teacher_logits(teacher, ds, split, batch_size, dev, amp)
-        meta = dict(split=split, classes=list(teacher.classes), multilabel=teacher.multilabel, checkpoint=url,
-                    experiment=teacher.meta.get("experiment"), stage=teacher.meta.get("stage"),
-                    epoch=teacher.meta.get("epoch"), dataset=ds.root, crop="start", augmented=False)
-        save_teacher_logits(target, keys, logits, meta)
+        ds = webdataset(data, train_split=train_splits, num_workers=num_workers)
+        targets = {s: out or default_logits_url(ds.root, name, s) for s in splits}
+        for target in targets.values():  # refuse before scoring anything
+            if not overwrite and (storage.exists(target) or storage.exists(keys_url(target))):
+                raise ValueError(f"{target} already exists; pass --overwrite to replace it, or --name/--output to write elsewhere")
+        for s, target in targets.items():
+            keys, logits = compute_teacher_logits(teacher, ds, s, batch_size, dev, amp)
+            meta = dict(split=s, classes=list(teacher.classes), multilabel=teacher.multilabel, checkpoint=url,
+                        experiment=teacher.meta.get("experiment"), stage=teacher.meta.get("stage"),
+                        epoch=teacher.meta.get("epoch"), dataset=ds.root, crop="start", augmented=False)
+            save_teacher_logits(target, keys, logits, meta)
+            written.append(target)
+            console.print(f"wrote teacher logits {logits.shape[0]} × {logits.shape[1]} → {target}", highlight=False)
     except _ERRORS as err:
         fail(str(err), exit_code(err))
-    console.print(f"wrote teacher logits {logits.shape[0]} × {logits.shape[1]} → {target}", highlight=False)
-    hint = f"logits=\"'{target}'\"" if out else f"teacher=\"'{name}'\""
+    hint = f"logits=\"'{out}'\"" if out else f"teacher=\"'{name}'\""
     console.print(f"use them with: -b <stage>/train.strategy=@strategies.offline_kd -b strategies.offline_kd.{hint} "
                   f"-b <stage>/train.mixup=0",
                   highlight=False)
+
+
+def _logits_splits(manifest: object, data: str, train_split: list[str], split: list[str]) -> tuple[list[str], list[str]]:
+    """(the dataset's training splits, the splits to score): --train-split defaults to `train`, else to --split;
+    --split defaults to the training splits. A dataset without `train` (ESC-50's folds) must name them."""
+    have = sorted(manifest.splits)  # type: ignore[attr-defined]
+    for flag, names in (("--train-split", train_split), ("--split", split)):
+        unknown = [s for s in names if s not in have]
+        if unknown:
+            raise ValueError(f"{data}: {flag} {', '.join(unknown)}: no such split; it has {', '.join(have)}")
+    if not train_split:
+        train_split = ["train"] if "train" in have else list(split)
+    if not train_split:
+        raise ValueError(f"{data} has no 'train' split (it has {', '.join(have)}), so name the split(s) to score: "
+                         f"--train-split for each training split (e.g. --train-split {have[0]}), or --split NAME")
+    return train_split, split or train_split

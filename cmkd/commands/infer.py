@@ -10,13 +10,16 @@ from typing import Any, List, Optional
 
 import typer
 
-from cmkd.commands.common import USER_ERRORS, exit_code
+from cmkd.commands.common import USER_ERRORS, deprecated_option, exit_code, prefer
 from cmkd.commands.common import fail_verbatim as fail  # paths and shapes may hold [brackets]
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+FORMAT_HELP = "table, json or csv (default: from --output's suffix, else table)"
+FORMATS = ("table", "json", "csv")
+WORKERS_HELP = "data-loading processes (0: in this process)"
 CLIP_HELP = "run the model on clips of this many seconds (an AST's positional embedding is resized; CNNs take any length)"
 
 
@@ -53,6 +56,14 @@ def _emit(text: Any, output: Optional[str]) -> None:
     console.print(f"wrote {output}", markup=False, highlight=False)
 
 
+def _format(fmt: Optional[str], output: Optional[str]) -> str:
+    """--format, else the output file's suffix (.json, .csv), else a table; anything else is an error."""
+    fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def _report_failures(failed: list[tuple[str, str]], scored: int, what: str) -> None:
     from rich.markup import escape
 
@@ -71,23 +82,28 @@ def eval_cmd(
     args: List[str] = typer.Argument(..., metavar="CKPT... DATA",
                                      help="one or more checkpoints (or stage folders), then the dataset root"),
     split: Optional[str] = typer.Option(None, help="split to score (default: eval, val or test)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    workers: int = typer.Option(2, help="data-loading processes (0: in this process)"),
+    num_workers: int = typer.Option(2, "--num-workers", help=WORKERS_HELP),
     clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
+    as_json: Optional[bool] = deprecated_option("--json"),
+    workers: Optional[int] = deprecated_option("--workers"),
 ) -> None:
     """Metrics (mAP, mAUC, d′, accuracy) on a prepared split; several checkpoints → their ensemble too."""
     import json
 
     from cmkd import plugins
     from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
-    from cmkd.infer.scoring import check_compatible, open_split, predict_split, report, tables
+    from cmkd.infer.scoring import check_compatible, metrics_csv, open_split, predict_split, report, tables
 
     if len(args) < 2:
         fail("give at least one checkpoint and then the dataset root, e.g. "
              "cmkd eval runs/demo/student/checkpoints/best.pt /data/esc50")
     *ckpts, data = args
+    fmt = _format(prefer(fmt, "json" if as_json else None, "--json"), output)
+    num_workers = prefer(num_workers, workers, "--workers", default=2)
     plugins.load_all()  # checkpoints may name plugin components
     try:
         dev = device_of(device)
@@ -95,16 +111,18 @@ def eval_cmd(
         models = [open_model(u, dev, clip_seconds) for u in urls]
         chosen = open_split(data, split)
         check_compatible(models, urls, chosen, data)
-        preds = predict_split(models, chosen.batches(batch_size, models[0].sample_rate, workers), dev)
+        preds = predict_split(models, chosen.batches(batch_size, models[0].sample_rate, num_workers), dev)
         result = report(preds, models, urls, data, chosen.name)
     except USER_ERRORS as err:
         fail(str(err), exit_code(err))
         return
-    if as_json:
-        _emit(json.dumps(result, indent=2) + "\n", None)
+    if fmt == "json":
+        _emit(json.dumps(result, indent=2) + "\n", output)
+    elif fmt == "csv":
+        _emit(metrics_csv(result), output)
     else:
         for t in tables(result):
-            _emit(t, None)
+            _emit(t, output)
 
 
 def predict(
@@ -114,7 +132,7 @@ def predict(
     hop: Optional[float] = typer.Option(None, help="hop between windows in seconds (default: the window)"),
     reduce: str = typer.Option("mean", help="clip-level result over windows: mean or max"),
     top_k: int = typer.Option(5, "--top-k", "-k", help="labels per file"),
-    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table, json or csv (default: from --output's suffix, else table)"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -126,9 +144,7 @@ def predict(
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.sources import collect, require_sources
 
-    fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
-    if fmt not in predicting.FORMATS:
-        fail(f"--format {fmt!r}: use one of {', '.join(predicting.FORMATS)}")
+    fmt = _format(fmt, output)
     if top_k < 1:
         fail(f"--top-k must be at least 1, got {top_k}")
     plugins.load_all()
@@ -173,13 +189,14 @@ def _note_skipped(skipped: list[str]) -> None:
 def embed(
     checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
     paths: List[str] = typer.Argument(..., help="audio files or folders (searched recursively)"),
-    out_dir: str = typer.Option(..., "-o", "--out", help="folder for embeddings.npy and index.json"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="folder for embeddings.npy and index.json"),
+    out_old: Optional[str] = deprecated_option("--out"),
     window: Optional[float] = typer.Option(None, help="window length in seconds (default: the model's clip length)"),
     hop: Optional[float] = typer.Option(None, help="hop between windows in seconds (default: the window)"),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
-    overwrite: bool = typer.Option(False, help="replace embeddings already in --out"),
+    overwrite: bool = typer.Option(False, help="replace embeddings already in --output"),
 ) -> None:
     """Pooled embeddings (the classifier head's input) of audio files; long files → mean over windows."""
     from cmkd import plugins
@@ -189,6 +206,9 @@ def embed(
     from cmkd.infer.predict import settings_for
     from cmkd.infer.sources import collect, require_sources
 
+    out_dir = prefer(output, out_old, "--out")
+    if not out_dir:
+        fail("give -o/--output, the folder for embeddings.npy and index.json")
     plugins.load_all()
     try:
         embedding.check_output(out_dir, overwrite)
@@ -261,7 +281,8 @@ def report(
     run_dir: str = typer.Argument(..., help="a run folder runs/<experiment> or one stage folder in it"),
     data: Optional[str] = typer.Option(None, help="dataset root for the confusion matrix (default: the stage's own dataset)"),
     split: Optional[str] = typer.Option(None, help="split for the confusion matrix (default: the eval split)"),
-    out_dir: Optional[str] = typer.Option(None, "-o", "--out", help="where to write (default: RUN_DIR/report)"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="the folder to write (default: RUN_DIR/report)"),
+    out_old: Optional[str] = deprecated_option("--out"),
     confusion: bool = typer.Option(True, "--confusion/--no-confusion", help="predict the eval split for confusion matrices"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -272,6 +293,7 @@ def report(
     from cmkd.infer.loading import device_of
     from cmkd.infer.report import write_report
 
+    out_dir = prefer(output, out_old, "--out")
     plugins.load_all()
     try:
         rep = write_report(run_dir, data=data, split=split, out_dir=out_dir, device=device_of(device),

@@ -398,10 +398,12 @@ class ShardDataset:
         self.train_splits = _split_list(train_split, self.root, m)
         self.train_split = "+".join(self.train_splits)
         if eval_split is None:
-            eval_split = next((s for s in EVAL_SPLIT_NAMES if s in m.splits), None)
+            # the default never collides with a training split (teacher-logits may score `eval` as one)
+            eval_split = next((s for s in EVAL_SPLIT_NAMES if s in m.splits and s not in self.train_splits), None)
         elif eval_split not in m.splits:
-            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; "
-                                f"it has {sorted(m.splits)}. Set eval_split=")
+            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; it has {sorted(m.splits)}. "
+                                f"Name another in gin: "
+                                f"`datasets.webdataset.eval_split = '<split>'`")
         if eval_split is not None and eval_split in self.train_splits:
             raise ManifestError(f"{self.root}: split {eval_split!r} is both a training and the eval split; "
                                 f"take it out of train_split or pick another eval_split")
@@ -504,7 +506,10 @@ def _split_list(train_split: str | Sequence[str], root: str, m: Manifest) -> lis
         raise ManifestError(f"{root}: train_split {splits} names a split twice; list each split once")
     missing = [s for s in splits if s not in m.splits]
     if missing:
-        raise ManifestError(f"{root}: no training split(s) {missing}; it has {sorted(m.splits)}. Set train_split=")
+        raise ManifestError(
+            f"{root}: no training split(s) {missing}; it has {sorted(m.splits)}. Name the training split(s): in gin "
+            f"`datasets.webdataset.train_split = {sorted(m.splits)[:1]}` (a list reads several as one), with "
+            f"`cmkd teacher-logits` `--train-split NAME` (repeatable)")
     return splits
 
 

@@ -278,7 +278,8 @@ class OfflineKD(_Distill):
         root = getattr(dataset, "root", None)
         urls = [logits] if isinstance(logits, str) else list(logits or [])
         if urls:  # how to write each file, for the missing-file message
-            hows = [f"cmkd teacher-logits runs/<experiment>/<teacher stage> {root or 'DATA'} --split <split> --out {u}"
+            hows = [f"cmkd teacher-logits runs/<experiment>/<teacher stage> {root or 'DATA'} "
+                    f"--split <split> --output {u}"
                     for u in urls]
         else:
             if root is None:

@@ -169,3 +169,21 @@ def tables(result: dict[str, Any]) -> list[Table]:
         pc.add_row(escape(r["class"]), str(r["support"]), _fmt(r["ap"]), _fmt(r["auc"]),
                    *([] if result["multilabel"] else [_fmt(r["recall"]), str(r["predicted"])]))
     return [summary, pc]
+
+
+def metrics_csv(result: dict[str, Any]) -> str:
+    """One row per model (and the ensemble): the summary table as CSV, for spreadsheets and scripts."""
+    import csv
+    import io
+
+    names = ["mAP", "mAUC", "d_prime"] + ([] if result["multilabel"] else ["accuracy"])
+    rows = [(m["checkpoint"], m["experiment"], m["stage"], m["epoch"], m["metrics"]) for m in result["members"]]
+    if result["ensemble"]:
+        rows.append(("ensemble", None, None, None, result["metrics"]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["model", "experiment", "stage", "epoch", "split", "samples", *names])
+    for model, experiment, stage, epoch, met in rows:
+        writer.writerow([model, experiment, stage, epoch, result["split"], result["samples"],
+                         *(met.get(n) for n in names)])
+    return buf.getvalue()

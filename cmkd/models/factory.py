@@ -86,7 +86,7 @@ def load_model(
                                                    clip_seconds)
             model = build_classifier(num_classes=len(ckpt["classes"]), in_shape=tuple(featurizer.out_shape))
     except config.ImportNotAllowed as err:
-        raise checkpoint.CheckpointError(str(err)) from None
+        raise checkpoint.CheckpointError(str(err) + plugins.install_hint(ckpt.get("plugins"), str(err))) from None
     state = ckpt["model"]
     if tuple(featurizer.out_shape) != trained_shape and isinstance(model.backbone, AST):
         state = resize_ast_state_dict(state, tuple(featurizer.out_shape), trained_shape,

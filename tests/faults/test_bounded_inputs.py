@@ -189,7 +189,7 @@ def test_prepare_reads_only_the_clip_of_a_long_file(tmp_path):
     for name in ("short", "long"):
         src = _folder(tmp_path / f"src-{name}", tmp_path / f"{name}.wav")
         peaks[name] = _peak_rss([sys.executable, "-m", "cmkd", "prepare", "folder", src, tmp_path / f"ds-{name}",
-                                 "--clip-seconds", "1", "--workers", "0"], tmp_path)
+                                 "--clip-seconds", "1", "--num-workers", "0"], tmp_path)
     grew = peaks["long"] - peaks["short"]
     assert grew < decoded / 4, f"a 10-min file cost {grew / 2**20:.0f} MiB more than a 6 s one ({peaks})"
 

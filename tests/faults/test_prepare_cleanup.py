@@ -74,7 +74,7 @@ def _kill_when_writing(proc: subprocess.Popen, dest: Path, timeout: float = 120)
 
 def test_killed_prepare_leaves_no_workers_and_the_next_run_removes_its_temp_files(tmp_path):
     src, dest = _source(tmp_path / "src", clips=120, seconds=1.0, sr=44100), tmp_path / "ds"
-    proc = _start_prepare(tmp_path, src, dest, "--workers", "1", "--shard-max-count", "200")
+    proc = _start_prepare(tmp_path, src, dest, "--num-workers", "1", "--shard-max-count", "200")
     try:
         deadline = time.monotonic() + 120
         while not (workers := _children(proc.pid)) and time.monotonic() < deadline:
@@ -95,7 +95,8 @@ def test_killed_prepare_leaves_no_workers_and_the_next_run_removes_its_temp_file
 
     live = dest / f"eval-000000.tar.tmp-{os.getpid()}"  # a writer that is still running: not touched
     live.write_bytes(b"in progress")
-    run_cmkd(["prepare", "folder", _source(tmp_path / "small", clips=4), dest, "--workers", "0", "--clip-seconds", "1"],
+    run_cmkd(["prepare", "folder", _source(tmp_path / "small", clips=4), dest, "--num-workers", "0",
+              "--clip-seconds", "1"],
              env=cmkd_env(tmp_path), timeout=120).check()
     assert not any(t.exists() for t in temps), "the dead writer's temp file is still there"
     assert live.exists()
@@ -113,20 +114,20 @@ def _samples(dest: Path) -> list[str]:
 
 def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_published_then_retires_its_shards(tmp_path):
     dest = tmp_path / "ds"
-    run_cmkd(["prepare", "folder", _source(tmp_path / "old", clips=16), dest, "--workers", "0",
+    run_cmkd(["prepare", "folder", _source(tmp_path / "old", clips=16), dest, "--num-workers", "0",
               "--clip-seconds", "1", "--shard-max-count", "2"], env=cmkd_env(tmp_path), timeout=120).check()
     old_files = {p.name for p in dest.iterdir()}
     old_keys = _samples(dest)
     assert len(old_keys) == 16 and len([f for f in old_files if f.startswith("train-")]) == 6
 
     new_src = _source(tmp_path / "new", clips=60)
-    proc = _start_prepare(tmp_path, new_src, dest, "--workers", "0", "--overwrite", "--shard-max-count", "2")
+    proc = _start_prepare(tmp_path, new_src, dest, "--num-workers", "0", "--overwrite", "--shard-max-count", "2")
     _kill_when_writing(proc, dest)
     assert _samples(dest) == old_keys, "a kill during --overwrite damaged the old dataset"
     assert old_files <= {p.name for p in dest.iterdir()}
 
     small = _source(tmp_path / "fewer", clips=4)  # fewer shards than the old dataset had
-    run_cmkd(["prepare", "folder", small, dest, "--workers", "0", "--clip-seconds", "1", "--overwrite",
+    run_cmkd(["prepare", "folder", small, dest, "--num-workers", "0", "--clip-seconds", "1", "--overwrite",
               "--shard-max-count", "2"], env=cmkd_env(tmp_path), timeout=120).check()
     from cmkd.data.manifest import Manifest, brace_expand
 

@@ -70,7 +70,7 @@ def _noise_folder(src: Path, clips: int, seconds: float) -> None:
 
 def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, tiny_disk):
     _noise_folder(tmp_path / "src", clips=8, seconds=2.0)  # noise does not compress: about 0.5 MB of FLAC
-    result = run_cmkd(["prepare", "folder", tmp_path / "src", tiny_disk / "ds", "--workers", "0",
+    result = run_cmkd(["prepare", "folder", tmp_path / "src", tiny_disk / "ds", "--num-workers", "0",
                        "--clip-seconds", "2"],
                       env=cmkd_env(tmp_path), timeout=120)
     out = _one_error(result, "No space left on device", "the disk is full")
@@ -187,17 +187,18 @@ def test_running_out_of_memory_in_prepare_is_one_error_line(tmp_path):
                 f.write(block)
         (src / "labels.csv").write_text("file,labels,split\nclip.wav,a,train\n")
     base = [sys.executable, "-m", "cmkd", "prepare", "folder"]
-    peak = _vm_peak_of([*base, tmp_path / "src-short", tmp_path / "ds-short", "--crop", "none", "--workers", "0"], env)
+    peak = _vm_peak_of([*base, tmp_path / "src-short", tmp_path / "ds-short", "--crop", "none", "--num-workers", "0"],
+                       env)
     limit = peak + 160 * 2**20  # the long clip needs 230 MB as float32 alone
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     done = subprocess.run([*map(str, base), str(tmp_path / "src-long"), str(tmp_path / "ds-long"), "--crop", "none",
-                           "--workers", "0"], env=env, capture_output=True, text=True, timeout=180, preexec_fn=cap)
+                           "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=180, preexec_fn=cap)
     out = flat(done.stdout + done.stderr)
     assert done.returncode == 2 and "Traceback" not in out and out.count("error:") == 1, out[-3000:]
-    assert "out of memory (MemoryError)" in out and "--workers" in out
+    assert "out of memory (MemoryError)" in out and "--num-workers" in out
 
 
 def test_prepare_to_a_store_gone_mid_run_is_one_error_line(tmp_path, s3):
@@ -216,7 +217,7 @@ def test_prepare_to_a_store_gone_mid_run_is_one_error_line(tmp_path, s3):
 
     killer = threading.Thread(target=kill_after_first_shard, daemon=True)
     killer.start()
-    result = run_cmkd(["prepare", "folder", tmp_path / "src", "s3://cmkd-writes/ds", "--workers", "0",
+    result = run_cmkd(["prepare", "folder", tmp_path / "src", "s3://cmkd-writes/ds", "--num-workers", "0",
                        "--clip-seconds", "0.5", "--shard-max-count", "2"],
                       env=cmkd_env(tmp_path, CMKD_WRITE_RETRIES="1", CMKD_WRITE_BACKOFF="0.05", **env), timeout=180)
     killer.join(timeout=10)
