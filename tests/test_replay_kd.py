@@ -88,3 +88,89 @@ def test_views_depend_on_seed_epoch_key_only() -> None:
     assert a.same_as(b) and not c.same_as(a)
     assert (a.freq_mask[:, 1] < 8).all() and (a.time_mask[:, 1] < 12).all()
     assert ((a.lam == 1) | ((a.lam > 0) & (a.lam < 1))).all()
+
+
+# -- bad input: another teacher, other settings, too few views, missing or truncated shards --------------------
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A trained tiny teacher stage and its 2-view store (fp16, the default)."""
+    tmp = tmp_path_factory.mktemp("views")
+    data, runs = tmp / "data", tmp / "runs"
+    _run(runs, data, "experiment.stages = ['teacher']")
+    res = _views_cli(runs / "eq" / "teacher", data)
+    assert res.exit_code == 0, res.output
+    assert "clip-views" in res.output and "strategies.replay_kd.store" in res.output
+    return dict(data=data, teacher=runs / "eq" / "teacher" / "checkpoints" / "best.pt",
+                store=data / "teacher_views" / "eq-teacher")
+
+
+def _replay(made: dict, store: Path | None = None, teacher: Path | None = None, **changes):
+    from cmkd.data.stream import webdataset
+    from cmkd.distill.losses import CE
+    from cmkd.registry import call_with_context, strategies
+
+    settings = dict(AUG, world_size=1, num_workers=0, epochs=2)
+    settings.update(changes.pop("settings", {}))
+    return call_with_context(strategies.get("replay_kd"), loss=CE(), multilabel=False,
+                             dataset=webdataset(str(made["data"]), num_workers=0),
+                             resolve_teacher=lambda ref: str(teacher or made["teacher"]), view_settings=settings,
+                             store=str(store or made["store"]), **changes)
+
+
+def test_store_manifest_records_what_it_was_made_for(made: dict) -> None:
+    doc = json.loads((made["store"] / "views.json").read_text())
+    assert doc["views"] == 2 and doc["seed"] == 3 and doc["batch_size"] == 4 and doc["world_size"] == 1
+    assert doc["dtype"] == "float16" and len(doc["teacher_sha256"]) == 64 and len(doc["data_sha256"]) == 64
+    assert [s["name"] for s in doc["shards"]] == ["e0000-r000.npz", "e0001-r000.npz"]
+    with np.load(made["store"] / "e0000-r000.npz", allow_pickle=False) as npz:
+        assert npz["logits"].dtype == np.float16 and npz["logits"].shape == (doc["steps_per_epoch"] * 4, 4)
+    strat = _replay(made)
+    keys, views, z = strat.store.batch(0, 0, 0)
+    assert len(keys) == 4 and z.shape == (4, 4) and z.dtype == torch.float32
+
+
+def test_mismatches_name_what_differs(made: dict, tmp_path: Path) -> None:
+    from cmkd.distill.view_store import ViewStoreError
+
+    with pytest.raises(ViewStoreError, match=r"seed: store 3, run 4; .*mixup: store 0.5, run 0.0"):
+        _replay(made, settings=dict(seed=4, mixup=0.0))
+    other = tmp_path / "other.pt"
+    other.write_bytes(made["teacher"].read_bytes() + b"\0")
+    with pytest.raises(ViewStoreError, match="teacher_sha256: store"):
+        _replay(made, teacher=other)
+    with pytest.raises(ViewStoreError, match=r"holds 2 views \(epochs\) per clip but the run trains 3 epochs.*cycle"):
+        _replay(made, settings=dict(epochs=3))
+    assert _replay(made, settings=dict(epochs=3), cycle=True).data_epoch(2) == 0
+    strat = _replay(made)
+    keys, views, _ = strat.store.batch(1, 0, 0)
+    with pytest.raises(ViewStoreError, match="epoch 2, rank 0, step 0: the stored batch holds clips"):
+        strat.replay(1, 0, 0, list(reversed(keys)), views)
+    views.lam[0] = 0.25
+    with pytest.raises(ViewStoreError, match="stored views .* differ"):
+        strat.replay(1, 0, 0, keys, views)
+
+
+def test_missing_and_truncated_shards_are_named(made: dict, tmp_path: Path) -> None:
+    from cmkd.distill.view_store import ViewStoreError
+
+    copy = tmp_path / "store"
+    shutil.copytree(made["store"], copy)
+    (copy / "e0001-r000.npz").unlink()
+    with pytest.raises(ViewStoreError, match=r"shard\(s\) e0001-r000.npz missing"):
+        _replay(made, store=copy)
+    shutil.copy(made["store"] / "e0001-r000.npz", copy / "e0001-r000.npz")
+    blob = (copy / "e0000-r000.npz").read_bytes()
+    (copy / "e0000-r000.npz").write_bytes(blob[: len(blob) // 2])
+    strat = _replay(made, store=copy)
+    with pytest.raises(ViewStoreError, match="shard e0000-r000.npz is unreadable or truncated"):
+        strat.store.batch(0, 0, 0)
+    with pytest.raises(ViewStoreError, match=r"no view store at .*views.json missing"):
+        _replay(made, store=tmp_path / "nothing")
+
+
+def test_cli_bad_input_is_one_error_line(made: dict) -> None:
+    res = _views_cli(made["teacher"].parent.parent, made["data"], "--dtype", "bfloat16")
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+    res = _views_cli(made["teacher"].parent.parent, made["data"])
+    assert res.exit_code == 2 and "already holds a view store" in res.output

@@ -65,7 +65,7 @@ class ViewBatch:
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray]) -> "ViewBatch":
-        return cls(*(torch.from_numpy(np.asarray(arrays[name])) for name in FIELDS))
+        return cls(*(torch.from_numpy(np.array(arrays[name])) for name in FIELDS))  # a copy: never the cached shard
 
     def same_as(self, other: "ViewBatch") -> bool:
         return all(torch.equal(getattr(self, n).cpu(), getattr(other, n).cpu()) for n in FIELDS)
