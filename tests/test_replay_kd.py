@@ -174,3 +174,27 @@ def test_cli_bad_input_is_one_error_line(made: dict) -> None:
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
     res = _views_cli(made["teacher"].parent.parent, made["data"])
     assert res.exit_code == 2 and "already holds a view store" in res.output
+
+
+def test_on_error_skip_counts_unreadable_shards_and_trains_on_gt(made: dict, tmp_path: Path) -> None:
+    from cmkd.data.stream import webdataset
+    from cmkd.distill.losses import CE
+    from cmkd.registry import call_with_context, strategies
+
+    copy = tmp_path / "store"
+    shutil.copytree(made["store"], copy)
+    (copy / "e0001-r000.npz").write_bytes(b"not a zip")
+    ds = webdataset(str(made["data"]), num_workers=0, on_error="skip")
+    strat = call_with_context(strategies.get("replay_kd"), loss=CE(), multilabel=False, dataset=ds,
+                              resolve_teacher=lambda ref: str(made["teacher"]),
+                              view_settings=dict(AUG, world_size=1, num_workers=0, epochs=2), store=str(copy))
+    keys, views, z = strat.store.batch(0, 0, 0)
+    strat.replay(0, 0, 0, keys, views)
+    loss, logs = strat(None, torch.zeros(4, 4), torch.eye(4), keys=keys)
+    assert float(logs["kd_skipped"]) == 0 and float(logs["loss_kd"]) > 0
+    with pytest.warns(UserWarning, match="e0001-r000.npz is unreadable"):
+        strat.replay(1, 0, 0, keys, views)
+    strat.replay(1, 0, 1, keys, views)
+    loss, logs = strat(None, torch.zeros(4, 4), torch.eye(4), keys=keys)
+    assert strat.skipped == {"e0001-r000.npz": 2} and float(logs["kd_skipped"]) == 1
+    assert loss.item() == pytest.approx(CE()(torch.zeros(4, 4), torch.eye(4)).item())

@@ -15,6 +15,7 @@ class's ``__init__`` in place, so a registered parent would leak its bindings in
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -354,7 +355,16 @@ class ReplayKD(_Distill):
         expect["classes"] = list(classes) if classes is not None else None
         self.store.check(expect)
         self.cycle = bool(cycle)
-        self.store.check_epochs(epochs, int(settings.get("world_size") or 1), self.cycle)
+        # data.on_error = 'skip': a missing or unreadable shard's steps train on L_gt alone, counted per shard
+        self.skip = getattr(dataset, "on_error", "raise") == "skip"
+        self.skipped: dict[str, int] = {}
+        try:
+            self.store.check_epochs(epochs, int(settings.get("world_size") or 1), self.cycle)
+        except ViewStoreError as err:
+            if not (self.skip and "missing" in str(err)):
+                raise
+            warnings.warn(f"{err} (data.on_error = 'skip': their steps train without the KD term, counted)",
+                          stacklevel=2)
         self._z: Tensor | None = None
         super().__init__("replay_kd", loss, multilabel, [], lam, tau, 1.0, 1.0, device)
 
@@ -363,7 +373,17 @@ class ReplayKD(_Distill):
         return epoch % self.store.views if self.cycle else epoch
 
     def replay(self, epoch: int, rank: int, step: int, keys: list[str], views: Any) -> None:
-        stored_keys, stored_views, z = self.store.batch(epoch, rank, step)
+        try:
+            stored_keys, stored_views, z = self.store.batch(epoch, rank, step)
+        except ViewStoreError as err:
+            if not self.skip or "shard" not in str(err):
+                raise
+            name = f"e{epoch:04d}-r{rank:03d}.npz"
+            if name not in self.skipped:
+                warnings.warn(f"{err}; data.on_error = 'skip': its steps train on L_gt alone", stacklevel=2)
+            self.skipped[name] = self.skipped.get(name, 0) + 1
+            self._z = None
+            return
         where = f"view store {self.store.url}, epoch {epoch + 1}, rank {rank}, step {step}"
         if stored_keys != keys:
             raise ViewStoreError(f"{where}: the stored batch holds clips {stored_keys[:4]}... but this run's batch "
@@ -372,6 +392,18 @@ class ReplayKD(_Distill):
             raise ViewStoreError(f"{where}: the stored views (mixup, SpecAugment) differ from those this run draws; "
                                  f"the augmentation code or settings changed — rewrite the store")
         self._z = z
+
+    def __call__(self, x: Tensor, student_logits: Tensor, targets: Tensor,
+                 keys: Keys = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._z is None and self.skipped:  # this step's stored logits were skipped (on_error = 'skip')
+            loss_gt = self.loss(student_logits, targets)
+            zero = torch.zeros((), device=loss_gt.device)
+            # the same log keys on every step and rank: the loop averages them in collectives
+            return loss_gt, {"loss_gt": loss_gt.detach(), "loss_kd": zero, "teacher_acc": zero, "agree": zero,
+                             "kd_skipped": torch.ones((), device=loss_gt.device)}
+        loss, logs = super().__call__(x, student_logits, targets, keys)
+        logs["kd_skipped"] = torch.zeros((), device=loss.device)  # the window's fraction of steps without Zt
+        return loss, logs
 
     def teacher_logits(self, x: Tensor, student_logits: Tensor, keys: Keys = None) -> list[Tensor]:
         if self._z is None:
