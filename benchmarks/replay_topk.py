@@ -1,9 +1,12 @@
 """Top-k and fp16 storage of teacher logits (view store): their effect on the KD loss, on synthetic
 AudioSet-shaped logits (527 classes). Run: python benchmarks/replay_topk.py"""
-import torch, numpy as np
-from cmkd.distill.losses import kl_divergence, log_probs
+import numpy as np
+import torch
+
 from cmkd.audio.views import ViewBatch
+from cmkd.distill.losses import kl_divergence, log_probs
 from cmkd.distill.view_store import pack_rows
+
 torch.manual_seed(0)
 N, C = 512, 527
 for ml in (True, False):

@@ -9,20 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_AST, TINY_CNN
 from typer.testing import CliRunner
 
 from cmkd import components, config
 from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.audio.views import draw_views
 from cmkd.cli import app
-from helpers import TINY_AST, TINY_CNN
 
 AUG = dict(seed=3, mixup=0.5, mixup_alpha=10.0, freqm=8, timem=12, batch_size=4)
 
 
 def _run(runs: Path, data: Path, *bindings: str) -> dict:
     import gin
-
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
 

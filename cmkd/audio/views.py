@@ -11,8 +11,8 @@ A mixup partner is an index into the batch, so a view is only the same within th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,10 +64,10 @@ class ViewBatch:
         return {name: getattr(self, name).cpu().numpy() for name in FIELDS}
 
     @classmethod
-    def from_numpy(cls, arrays: dict[str, np.ndarray]) -> "ViewBatch":
+    def from_numpy(cls, arrays: dict[str, np.ndarray]) -> ViewBatch:
         return cls(*(torch.from_numpy(np.array(arrays[name])) for name in FIELDS))  # a copy: never the cached shard
 
-    def same_as(self, other: "ViewBatch") -> bool:
+    def same_as(self, other: ViewBatch) -> bool:
         return all(torch.equal(getattr(self, n).cpu(), getattr(other, n).cpu()) for n in FIELDS)
 
 

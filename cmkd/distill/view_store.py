@@ -16,7 +16,8 @@ import hashlib
 import io
 import json
 import zipfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def write_shard(store_url: str, epoch: int, rank: int, arrays: dict[str, np.ndar
     np.savez(buf, **arrays)
     data = buf.getvalue()
     storage.write_bytes(storage.join(store_url, shard_name(epoch, rank)), data)
-    return dict(name=shard_name(epoch, rank), epoch=epoch, rank=rank, rows=int(len(arrays["key"])), bytes=len(data),
+    return dict(name=shard_name(epoch, rank), epoch=epoch, rank=rank, rows=len(arrays["key"]), bytes=len(data),
                 sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -93,7 +94,7 @@ class ViewStore:
         self._open: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
     @classmethod
-    def open(cls, url: str, how: str = "cmkd teacher-logits RUN DATA --views K") -> "ViewStore":
+    def open(cls, url: str, how: str = "cmkd teacher-logits RUN DATA --views K") -> ViewStore:
         murl = storage.join(url, MANIFEST)
         if not storage.exists(murl):
             raise ViewStoreError(f"no view store at {url} ({MANIFEST} missing: never written, or its write did not "
