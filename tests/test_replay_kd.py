@@ -197,3 +197,22 @@ def test_on_error_skip_counts_unreadable_shards_and_trains_on_gt(made: dict, tmp
     loss, logs = strat(None, torch.zeros(4, 4), torch.eye(4), keys=keys)
     assert strat.skipped == {"e0001-r000.npz": 2} and float(logs["kd_skipped"]) == 1
     assert loss.item() == pytest.approx(CE()(torch.zeros(4, 4), torch.eye(4)).item())
+
+
+def test_each_rank_gets_its_own_shard_of_its_own_batches(made: dict, tmp_path: Path) -> None:
+    """--world-size 2: per epoch one shard per rank, holding exactly that rank's training batches."""
+    from cmkd.data.stream import webdataset
+    from cmkd.distill.view_store import ViewStore
+
+    out = tmp_path / "ddp-views"
+    res = _views_cli(made["teacher"].parent.parent, made["data"], "--world-size", "2", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    store = ViewStore.open(str(out))
+    assert sorted(store.shards) == [(0, 0), (0, 1), (1, 0), (1, 1)] and store.meta["world_size"] == 2
+    ds = webdataset(str(made["data"]), num_workers=0)
+    steps = ds.steps_per_epoch(AUG["batch_size"], 2)
+    for epoch in range(2):
+        for rank in range(2):
+            loader = ds.train_loader(AUG["batch_size"], epoch=epoch, seed=AUG["seed"], rank=rank, world_size=2)
+            for step, batch in zip(range(steps), loader):
+                assert store.batch(epoch, rank, step)[0] == list(batch["key"])
