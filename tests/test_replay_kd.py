@@ -20,7 +20,7 @@ from cmkd.cli import app
 AUG = dict(seed=3, mixup=0.5, mixup_alpha=10.0, freqm=8, timem=12, batch_size=4)
 
 
-def _run(runs: Path, data: Path, *bindings: str) -> dict:
+def _run(runs: Path, data: Path, *bindings: str, resume: bool = False) -> dict:
     import gin
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
@@ -36,7 +36,7 @@ def _run(runs: Path, data: Path, *bindings: str) -> dict:
     gin.clear_config()
     components.load_all()
     try:
-        return run_experiment(str(runs), config.parse([], [*base, *bindings]), DistEnv())
+        return run_experiment(str(runs), config.parse([], [*base, *bindings]), DistEnv(), resume=resume)
     finally:
         gin.clear_config()
 
@@ -216,3 +216,36 @@ def test_each_rank_gets_its_own_shard_of_its_own_batches(made: dict, tmp_path: P
             loader = ds.train_loader(AUG["batch_size"], epoch=epoch, seed=AUG["seed"], rank=rank, world_size=2)
             for step, batch in zip(range(steps), loader):
                 assert store.batch(epoch, rank, step)[0] == list(batch["key"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_replay_resumed_mid_epoch_ends_with_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay run stopped in step 5 of 6 (resumes from step 4, mid-epoch 2) equals one that never stopped."""
+    from cmkd.train import hooks
+
+    data, straight, broken = tmp_path / "data", tmp_path / "straight", tmp_path / "broken"
+    _run(straight, data, "experiment.stages = ['teacher']")
+    shutil.copytree(straight / "eq" / "teacher", broken / "eq" / "teacher")
+    assert _views_cli(straight / "eq" / "teacher", data).exit_code == 0  # fp16, the default
+    store = data / "teacher_views" / "eq-teacher"
+    student = ["experiment.stages = ['teacher', 'student']", "student/train.strategy = @strategies.replay_kd",
+               f"strategies.replay_kd.store = '{store}'", "train.checkpoint_every = 1", "train.log_every = 1"]
+    _run(straight, data, *student)
+
+    class StopAt4:
+        def on_step_end(self, trainer, logs) -> None:
+            if trainer.state.position.step == 5:  # last.pt holds step 4: epoch 2, step 1 of 3
+                raise _Stop
+
+    monkeypatch.setattr(hooks, "callbacks", [StopAt4()])
+    with pytest.raises(_Stop):
+        _run(broken, data, *student)
+    assert torch.load(broken / "eq" / "student" / "checkpoints" / "last.pt", weights_only=True)["step_in_epoch"] == 1
+    monkeypatch.setattr(hooks, "callbacks", [])
+    _run(broken, data, *student, resume=True)
+    a = torch.load(straight / "eq" / "student" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(broken / "eq" / "student" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
