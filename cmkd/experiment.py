@@ -15,7 +15,7 @@ import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
 from cmkd.console import console, out, table
-from cmkd.infer.report import write_report
+from cmkd.infer import report as run_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loop import StageContext, TrainingError, train
@@ -217,18 +217,40 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        console.print(f"report: {write_report(run_dir, device=device).markdown}", markup=False, highlight=False)
+        markdown = run_report.write_report(run_dir, device=device).markdown
+        console.print(f"report: {markdown}", markup=False, highlight=False)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
         console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)
 
 
-def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
-    rows = []
+def stage_roles(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """'teacher', 'student (KD)' or 'same model, no KD' (a stage without a teacher whose backbone is a
+    KD student's), so a table of teacher / student / baseline reads as what it compares."""
+    taught = {st: s.get("teachers") or [] for st, s in summaries.items()}
+    students = {summaries[st].get("backbone") for st, t in taught.items() if t}
+    roles = {}
     for stage, s in summaries.items():
-        metric = s.get("metric", "")
+        if taught[stage]:
+            roles[stage] = "student (KD)"
+        elif any(f"/{stage}/" in url for t in taught.values() for url in t):
+            roles[stage] = "teacher"
+        elif s.get("backbone") in students:
+            roles[stage] = "same model, no KD"
+        else:
+            roles[stage] = ""
+    return roles
+
+
+def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
+    # Narrow enough for an 80-column terminal: the role says what the strategy column used to.
+    rows = []
+    roles = stage_roles(summaries)
+    metric = next((s.get("metric") for s in summaries.values() if s.get("metric")), "")
+    for stage, s in summaries.items():
         best = s.get("best", {})
-        rows.append((stage, s.get("backbone"), f"{s.get('params', 0) / 1e6:.2f} M", s.get("strategy"), metric,
-                     best.get(f"eval_{metric}"), best.get("epoch"), f"{s.get('seconds', 0):.0f} s"))
-    return table(f"{name}: stages on the eval split (best epoch)",
-                 ["stage", "backbone", "params", "strategy", "metric", "value", "epoch", "time"], rows)
+        model = f"{str(s.get('backbone', '')).removesuffix('Backbone')} {s.get('params', 0) / 1e6:.2f} M"
+        rows.append((stage, roles[stage], model, best.get(f"eval_{metric}"), best.get("epoch"),
+                     s.get("last", {}).get(f"eval_{metric}"), f"{s.get('seconds', 0):.0f} s"))
+    return table(f"{name}: stages on the eval split, {metric} (best epoch, and the last)",
+                 ["stage", "role", "model", "best", "epoch", "last", "time"], rows)

@@ -22,6 +22,7 @@ AUG = dict(seed=3, mixup=0.5, mixup_alpha=10.0, freqm=8, timem=12, batch_size=4)
 
 def _run(runs: Path, data: Path, *bindings: str, resume: bool = False) -> dict:
     import gin
+
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
 

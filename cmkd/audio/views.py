@@ -31,7 +31,8 @@ def view_generator(seed: int, epoch: int, key: str) -> torch.Generator:
 
 @dataclass
 class ViewBatch:
-    """One batch's views: ``lam [B]`` (1 = not mixed), ``partner [B]`` (batch index), masks ``[B, 2]`` (start, width)."""
+    """One batch's views: ``lam [B]`` (1 = not mixed), ``partner [B]`` (batch index),
+    masks ``[B, 2]`` (start, width)."""
 
     lam: torch.Tensor
     partner: torch.Tensor

@@ -42,7 +42,8 @@ class ReplayKD(_Distill):
     ):
         if not store:
             raise ViewStoreError("strategies.replay_kd: no view store given; write one with `cmkd teacher-logits "
-                                 "RUN DATA --views K` and set strategies.replay_kd.store = '<DATA>/teacher_views/<name>'")
+                                 "RUN DATA --views K` and set strategies.replay_kd.store = "
+                                 "'<DATA>/teacher_views/<name>'")
         self.store = ViewStore.open(store)
         settings = dict(view_settings or {})
         epochs = int(settings.pop("epochs", 0))

@@ -313,4 +313,4 @@ class OfflineKD(_Distill):
 
 
 
-from cmkd.distill import replay as _replay  # noqa: F401 - registers replay_kd (it builds on _Distill)
+from cmkd.distill import replay as _replay  # noqa: E402,F401 - registers replay_kd (it builds on _Distill)

@@ -101,7 +101,8 @@ class ViewStore:
                                  f"finish); write it with `{how}`")
         meta = json.loads(storage.read_text(murl))
         if meta.get("format") != FORMAT:
-            raise ViewStoreError(f"{murl}: not a cmkd view store (format {meta.get('format')!r}); rewrite it with `{how}`")
+            raise ViewStoreError(f"{murl}: not a cmkd view store (format {meta.get('format')!r}); "
+                                 f"rewrite it with `{how}`")
         return cls(url, meta)
 
     def check(self, expect: dict[str, Any]) -> None:

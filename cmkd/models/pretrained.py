@@ -12,10 +12,11 @@ import pickle
 import sys
 from typing import Any, Iterator, Mapping
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cmkd import storage
 from cmkd.errors import CmkdError
 
 # Keys under which trainers commonly nest the weights inside a checkpoint dict.
@@ -72,7 +73,7 @@ def load_state_dict(path_or_url: str | os.PathLike[str]) -> dict[str, torch.Tens
     """
     url = os.fspath(path_or_url)
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_file(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(
