@@ -15,6 +15,10 @@ loss → backward → optimizer step. Variants, on identical weights and the sam
   no_kd       cmkd with strategies.none: no teacher (cmkd / no_kd = the cost of KD)
   offline_kd  cmkd with strategies.offline_kd: teacher logits looked up by key (mixup off, as it
               requires; the stored values are seeded random numbers: the step's cost does not depend on them)
+  replay_kd   cmkd with strategies.replay_kd: the views drawn as online, the stored fp16 logits of those views
+              read from a real view store (random values; keys cycle through the store: the cost is the same)
+  teacher_views  what `cmkd teacher-logits --views K` does per batch, once: views → featurize → teacher forward;
+              its step time ÷ batch is the one-time cost per clip-view
   compiled    cmkd with train.compile (student and teacher through torch.compile); only with --compile
 Variants run interleaved, round by round; medians and their ratios are reported together with
 how long each step waited for data, peak memory, and (with --flops) FLOPs per clip and MFU.
@@ -51,9 +55,11 @@ from _reference import (  # noqa: E402
 import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
 from cmkd.audio.augment import Mixup, SpecAugment  # noqa: E402
 from cmkd.audio.features import Fbank  # noqa: E402
+from cmkd.audio.views import draw_views  # noqa: E402
 from cmkd.device import autocast  # noqa: E402
 from cmkd.distill.losses import BCE  # noqa: E402
 from cmkd.distill.offline import save_teacher_logits  # noqa: E402
+from cmkd.distill.view_store import pack_rows, write_manifest, write_shard  # noqa: E402
 from cmkd.models.classifier import build_classifier  # noqa: E402
 from cmkd.registry import backbones, heads, strategies  # noqa: E402
 from cmkd.train.optim import build_optimizer  # noqa: E402
@@ -73,7 +79,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LR = {"ast": 5e-5, "cnn": 5e-4}  # gin/models.gin AST_LR / CNN_LR
 DIRECTIONS = {"cnn_to_ast": ("cnn", "ast"), "ast_to_cnn": ("ast", "cnn")}
-VARIANTS = ("cmkd", "reference", "no_kd", "offline_kd", "compiled")
+VARIANTS = ("cmkd", "reference", "no_kd", "offline_kd", "replay_kd", "teacher_views", "compiled")
 N_CLIPS = 64
 
 
@@ -184,9 +190,25 @@ def make_cases(shape: dict[str, Any], direction: str, variants: list[str], devic
 
             cases.append(Case(name, step, wrap, batch, (student, teacher, opt), student, teacher))
             continue
+        if variant == "teacher_views":
+            teacher = copy.deepcopy(teacher0)
+            featurizer = Fbank(n_mels=shape["n_mels"], target_frames=shape["frames"], mean=NORM[0],
+                               std=NORM[1]).to(device)
+            data, holder = loader(clips, batch, workers, device), {}
+
+            def wrap(fresh: bool, data=data, holder=holder) -> DataWait:
+                if fresh or "it" not in holder:
+                    holder["waits"] = DataWait()
+                    holder["it"] = holder["waits"].wrap(iter(data))
+                return holder["waits"]
+
+            step = views_step(teacher, featurizer, SpecAugment(shape["freqm"], shape["timem"]), Mixup(0.5, 10.0),
+                              holder, device)
+            cases.append(Case(name, step, wrap, batch, (teacher,), teacher, None))
+            continue
         student = copy.deepcopy(student0)
         teacher = copy.deepcopy(teacher0) if variant in ("cmkd", "compiled") else None  # others run no teacher
-        strat = _strategy(variant, teacher, shape, device, clips, tmp, direction)
+        strat = _strategy(variant, teacher, shape, device, clips, tmp, direction, batch)
         if variant == "compiled":
             compile_models(student, *strat.teachers)
         opt = build_optimizer(student.parameters(), device, name="adam", lr=lr, weight_decay=5e-7, betas=(0.95, 0.999))
@@ -206,11 +228,12 @@ def make_cases(shape: dict[str, Any], direction: str, variants: list[str], devic
         teachers = list(getattr(strat, "teachers", []))
         first_teacher = teachers[0] if teachers else None
         cases.append(Case(name, step, wrap, batch, (student, *teachers, opt), student, first_teacher))
+        cases[-1].bytes_per_clip_view = getattr(strat, "bytes_per_clip_view", None)
     return cases
 
 
 def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], device: torch.device,
-              clips: SyntheticClips, tmp: str, direction: str) -> Any:
+              clips: SyntheticClips, tmp: str, direction: str, batch: int = 2) -> Any:
     loss = BCE()
     if variant == "no_kd":
         return strategies.get("none")(loss=loss)
@@ -220,6 +243,22 @@ def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], de
         logits = rng.standard_normal((len(clips), shape["classes"]), dtype=np.float32)
         save_teacher_logits(url, [clips.key(i) for i in range(len(clips))], logits, {"multilabel": True})
         return strategies.get("offline_kd")(loss=loss, multilabel=True, device=device, logits=url)
+    if variant == "replay_kd":
+        url = f"{tmp}/{direction}-views"
+        keys = [clips.key(i) for i in range(len(clips))]
+        per_step = [keys[i:i + batch] for i in range(0, len(keys) - batch + 1, batch)]
+        views = [draw_views(k, 0, 0, Mixup(0.5, 10.0), SpecAugment(shape["freqm"], shape["timem"]),
+                            (shape["n_mels"], shape["frames"])) for k in per_step]
+        logits = [torch.randn(len(k), shape["classes"], generator=torch.Generator().manual_seed(i))
+                  for i, k in enumerate(per_step)]
+        shard = write_shard(url, 0, 0, pack_rows([k for ks in per_step for k in ks],
+                                                 [i for i, ks in enumerate(per_step) for _ in ks], views, logits))
+        write_manifest(url, dict(views=1, world_size=1), [shard])
+        strat = strategies.get("replay_kd")(loss=loss, multilabel=True, device=device, store=url,
+                                            view_settings=dict(epochs=1, world_size=1))
+        strat.bytes_per_clip_view = shard["bytes"] / shard["rows"]
+        strat.store_steps = len(per_step)
+        return strat
     return strategies.get("logit_kd")(loss=loss, multilabel=True, load_teacher=lambda ref: teacher, device=device,
                                       lam=0.5, tau=1.0)
 
@@ -228,23 +267,47 @@ def cmkd_step(student: nn.Module, strat: Any, optimizer: torch.optim.Optimizer, 
               specaug: SpecAugment, mix: Mixup | None, holder: dict[str, Any],
               device: torch.device) -> Callable[[], float]:
     """The body of cmkd.train.trainer.Trainer.step, as it ships (kept in step with it by tests)."""
-    gen = torch.Generator().manual_seed(0)
     student.train()
+
+    replay = getattr(strat, "replay", None)
 
     def step() -> float:
         batch = next(holder["it"])
         wave = batch["wave"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
-        if mix is not None:
-            wave, target = mix(wave, target, generator=gen)
+        keys = list(batch["key"])
+        if replay is not None:  # the store's keys, cycled: the random sampler's order is not known in advance
+            n = holder["replayed"] = holder.get("replayed", -1) + 1
+            keys = strat.store.batch(0, 0, n % strat.store_steps)[0]
+        views = draw_views(keys, 0, 0, mix, specaug, featurizer.out_shape)  # as Trainer.step
+        wave, target = views.mix(wave, target)
+        if replay is not None:
+            replay(0, 0, n % strat.store_steps, keys, views)
         with autocast(device, True):
-            x = featurizer(wave, augment=specaug)
+            x = featurizer(wave, augment=views.mask if specaug is not None else None)
             logits = student(x)
             loss, _ = strat(x, logits.float(), target, keys=batch["key"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return float(loss.detach())  # the loop reads the loss every step, too
+
+    return step
+
+
+def views_step(teacher: nn.Module, featurizer: nn.Module, specaug: SpecAugment, mix: Mixup, holder: dict[str, Any],
+               device: torch.device) -> Callable[[], float]:
+    """One batch of `cmkd teacher-logits --views K` (cmkd.distill.view_store.write_view_store)."""
+    teacher.eval()
+
+    def step() -> float:
+        batch = next(holder["it"])
+        views = draw_views(list(batch["key"]), 0, 0, mix, specaug, featurizer.out_shape)
+        wave, _ = views.mix(batch["wave"].to(device), batch["target"].to(device))
+        with torch.inference_mode(), autocast(device, True):
+            z = teacher(featurizer(wave, augment=views.mask))
+        z.float().cpu().numpy().astype(np.float16)
+        return 0.0
 
     return step
 
@@ -427,7 +490,19 @@ def summarize(args: argparse.Namespace, device: torch.device, shape: dict[str, A
             if args.peak_tflops:
                 row["mfu"] = flops[c.name] * row["clips_per_s"] / (args.peak_tflops * 1e12)
         rows.append(row)
+    replay = {}  # issue 20: replay's cost against online KD and no KD, the store's size, the one-time scoring
+    for direction in {c.name.split("/")[0] for c in cases}:
+        t = {v: median(by_name[f"{direction}/{v}"].times) for v in ("cmkd", "no_kd", "replay_kd", "teacher_views")
+             if f"{direction}/{v}" in by_name}
+        if "replay_kd" in t:
+            case = by_name[f"{direction}/replay_kd"]
+            replay[direction] = dict(
+                replay_over_online=t["replay_kd"] / t["cmkd"] if "cmkd" in t else None,
+                replay_over_no_kd=t["replay_kd"] / t["no_kd"] if "no_kd" in t else None,
+                bytes_per_clip_view=getattr(case, "bytes_per_clip_view", None),
+                views_s_per_clip_view=t["teacher_views"] / case.batch if "teacher_views" in t else None)
     return dict(benchmark="step", device=str(device), shapes=args.shapes, steps=args.steps, rounds=args.rounds,
+                replay=replay,
                 workers=workers, batches=batches, machine=machine(), load_start=load_start, load_end=load_end,
                 peak_tflops=args.peak_tflops, parity=parity, results=rows)
 
@@ -461,6 +536,11 @@ def table(res: dict[str, Any]) -> str:
         text += f"; MFU against a nominal {res['peak_tflops']:g} TFLOP/s"
     if res.get("process_peak_mb"):
         text += f"\nGPU memory, all cases resident together: max allocated {res['process_peak_mb']:.0f} MiB"
+    for d, r in sorted(res.get("replay", {}).items()):
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        text += (f"\nreplay {d}: replay ÷ online {fmt(r['replay_over_online'], '.3f')}, replay ÷ no-KD "
+                 f"{fmt(r['replay_over_no_kd'], '.3f')}, {fmt(r['bytes_per_clip_view'], '.0f')} bytes per clip-view, "
+                 f"teacher-logits --views: {fmt(r['views_s_per_clip_view'], '.3g')} s per clip-view (once)")
     for d, p in res["parity"].items():
         text += (f"\nloss parity {d}: cmkd {p['cmkd']:.6f} vs reference {p['reference']:.6f} "
                  f"(rel. diff {p['rel_diff']:.1e})")

@@ -58,9 +58,26 @@ def teacher_logits(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (default: exact fp32 logits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing logits of that name and split"),
+    views: int = typer.Option(0, "--views", help="K > 0: score K epochs of augmented training views for "
+                              "strategies.replay_kd (a view store under <DATA>/teacher_views/<name>)"),
+    seed: int = typer.Option(0, "--seed", help="--views: the student stage's train.seed"),
+    world_size: int = typer.Option(1, "--world-size", help="--views: the student run's number of processes"),
+    mixup: float = typer.Option(0.0, "--mixup", help="--views: the student stage's train.mixup"),
+    mixup_alpha: float = typer.Option(10.0, "--mixup-alpha", help="--views: train.mixup_alpha"),
+    freqm: int = typer.Option(0, "--freqm", help="--views: train.freqm"),
+    timem: int = typer.Option(0, "--timem", help="--views: train.timem"),
+    dtype: str = typer.Option("float16", "--dtype", help="--views: float16 or float32 logits"),
+    topk: int = typer.Option(0, "--topk", help="--views: keep only the k largest logits per view (0: all)"),
     out_old: Optional[str] = deprecated_option("--out"),
 ) -> None:
-    """Score split(s) once with a teacher and store its logits for strategies.offline_kd."""
+    """Score split(s) once with a teacher and store its logits for strategies.offline_kd (or, with --views K,
+    K epochs of augmented training views for strategies.replay_kd)."""
+    if views:
+        return _teacher_views(run_or_ckpt, data, prefer(output, out_old, "--out"), name, checkpoint, batch_size,
+                              num_workers, device, overwrite, views,
+                              dict(seed=seed, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
+                                   mixup=mixup, mixup_alpha=mixup_alpha, freqm=freqm, timem=timem),
+                              dtype, topk, list(train_split) or ["train"])
     from cmkd import plugins, storage
     from cmkd.checkpoint import resolve
     from cmkd.console import console
@@ -117,3 +134,43 @@ def _logits_splits(manifest: object, data: str, train_split: list[str], split: l
         raise ValueError(f"{data} has no 'train' split (it has {', '.join(have)}), so name the split(s) to score: "
                          f"--train-split for each training split (e.g. --train-split {have[0]}), or --split NAME")
     return train_split, split or train_split
+
+
+def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Optional[str], checkpoint: str,
+                   batch_size: int, num_workers: int, device: str, overwrite: bool, views: int,
+                   settings: dict, dtype: str, topk: int, train_split: list[str]) -> None:
+    """`teacher-logits --views K`: the view store for strategies.replay_kd."""
+    import time
+
+    from cmkd import plugins, storage
+    from cmkd.checkpoint import resolve
+    from cmkd.console import console
+    from cmkd.data.stream import webdataset
+    from cmkd.device import pick_device
+    from cmkd.distill.view_store import MANIFEST, default_views_url, write_view_store
+    from cmkd.models.factory import load_model
+
+    plugins.load_all()
+    try:
+        if views < 0 or settings["world_size"] < 1 or topk < 0 or dtype not in ("float16", "float32"):
+            raise ValueError(f"--views {views}, --world-size {settings['world_size']}, --topk {topk}, --dtype {dtype}: "
+                             f"need --views >= 1, --world-size >= 1, --topk >= 0 and --dtype float16 or float32")
+        url = resolve(run_or_ckpt, checkpoint)
+        dev = pick_device(device)
+        teacher = load_model(url, dev)
+        name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
+        ds = webdataset(data, train_split=train_split, num_workers=num_workers)
+        target = out or default_views_url(ds.root, name)
+        if not overwrite and storage.exists(storage.join(target, MANIFEST)):
+            raise ValueError(f"{target} already holds a view store; pass --overwrite to replace it, or --name/--out")
+        t0 = time.perf_counter()
+        meta = write_view_store(teacher, url, ds, target, views, settings, dev, dtype, topk)
+        seconds = time.perf_counter() - t0
+    except _ERRORS as err:
+        fail(str(err), exit_code(err))
+    rows = sum(s["rows"] for s in meta["shards"])
+    size = sum(s["bytes"] for s in meta["shards"])
+    console.print(f"wrote {views} views × {meta['steps_per_epoch']} steps ({rows} clip-views, "
+                  f"{size / max(1, rows):.0f} bytes each) in {seconds:.1f} s → {target}", highlight=False)
+    console.print(f"use them with: -b <stage>/train.strategy=@strategies.replay_kd "
+                  f"-b strategies.replay_kd.store=\"'{target}'\"", highlight=False)

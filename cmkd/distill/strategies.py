@@ -311,3 +311,7 @@ class OfflineKD(_Distill):
                 f"student's {tuple(student_logits.shape)}; were they computed on this dataset?"
             )
         return [z]
+
+
+
+from cmkd.distill import replay as _replay  # noqa: E402,F401 - registers replay_kd (it builds on _Distill)

@@ -15,6 +15,7 @@ from torch import nn
 
 from cmkd import checkpoint, saved_config, storage
 from cmkd.audio.augment import Mixup, SpecAugment
+from cmkd.audio.views import draw_views
 from cmkd.console import TrainProgress, console, table
 from cmkd.data.stream import worker_error_message
 from cmkd.device import autocast
@@ -49,6 +50,8 @@ class Trainer:
         self.strategy = call_with_context(
             s.strategy or strategies.get("none"), loss=self.loss_fn, multilabel=ds.multilabel,
             load_teacher=self.load_teacher, device=self.device, dataset=ds, mixup=s.mixup,
+            resolve_teacher=lambda ref: self.ctx.resolve_teacher(ref, s.teacher_checkpoint),
+            view_settings=view_settings(s, ds, env.world_size),
         )
         if s.compile:
             compile_models(model, *getattr(self.strategy, "teachers", ()))
@@ -116,7 +119,8 @@ class Trainer:
         s, env, pos = self.s, self.env, self.state.position
         self.student.train()
         t_epoch = time.perf_counter()
-        loader = self.ds.train_loader(s.batch_size, epoch=epoch, seed=s.seed, rank=env.rank,
+        data_epoch = getattr(self.strategy, "data_epoch", lambda e: e)(epoch)  # replay_kd with cycle: e mod K
+        loader = self.ds.train_loader(s.batch_size, epoch=data_epoch, seed=s.seed, rank=env.rank,
                                       world_size=env.world_size, start_step=pos.step_in_epoch,
                                       resume=self.stream_resume)
         self.stream_resume = {}
@@ -125,7 +129,7 @@ class Trainer:
         waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
         batches = guard_batches(loader, lambda err: self.data_failed(err, epoch), self.state.data_skipped)
         for batch in waits.wrap(itertools.islice(batches, max(0, self.steps_per_epoch - pos.step_in_epoch))):
-            self.step(batch, epoch)
+            self.step(batch, epoch, data_epoch)
             self.bar.step(batch["wave"].shape[0] * env.world_size, pos.loss_sum / pos.loss_steps,
                           f"ep {epoch + 1}/{s.epochs} · data wait {waits.fraction(time.perf_counter() - t_epoch):.0%}"
                           f"{' · ' + self.shown if self.shown else ''}")
@@ -139,8 +143,8 @@ class Trainer:
             )
         self.end_epoch(epoch, t_epoch, waits)
 
-    def step(self, batch: dict[str, Any], epoch: int) -> None:
-        """One optimizer step on one batch."""
+    def step(self, batch: dict[str, Any], epoch: int, view_epoch: int | None = None) -> None:
+        """One optimizer step on one batch; ``view_epoch``: the epoch its views are drawn for (replay cycles)."""
         s, env, st = self.s, self.env, self.state
         pos = st.position
         # the stream's cursor after this batch: a checkpoint resumes right behind it
@@ -150,11 +154,15 @@ class Trainer:
         # data to the device, mixed up (the targets too)
         wave = batch["wave"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
-        if self.mix is not None:
-            wave, target = self.mix(wave, target, generator=st.generator)
+        # the batch's views from (seed, epoch, key): online, teacher-logits --views and replay agree by construction
+        views = draw_views(batch["key"], epoch if view_epoch is None else view_epoch, s.seed, self.mix, self.specaug, self.featurizer.out_shape)
+        wave, target = views.mix(wave, target)
+        replay = getattr(self.strategy, "replay", None)
+        if replay is not None:  # replay_kd: picks this batch's stored logits and checks the stored views
+            replay(epoch if view_epoch is None else view_epoch, env.rank, pos.step_in_epoch, list(batch["key"]), views)
         # forward: features (SpecAugment), student, the strategy's loss (teachers inside)
         with autocast(self.device, s.amp):
-            x = self.featurizer(wave, augment=self.specaug)
+            x = self.featurizer(wave, augment=views.mask if self.specaug is not None else None)
             logits = self.student(x)
             loss, logs = self.strategy(x, logits.float(), target, keys=batch["key"])
         # backward and update, unless the loss is not finite on some rank (all ranks agree: DDP)
@@ -349,6 +357,13 @@ class Trainer:
             return []
         records = [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
         return [r for r in records if r["step"] <= self.state.position.step]
+
+
+def view_settings(s: TrainSettings, ds: Any, world_size: int) -> dict[str, Any]:
+    """What makes this stage's views and batches: a view store must have been made with the same."""
+    return dict(seed=int(s.seed), batch_size=int(s.batch_size), world_size=int(world_size),
+                num_workers=int(getattr(ds, "num_workers", 0)), mixup=float(s.mixup), mixup_alpha=float(s.mixup_alpha),
+                freqm=int(s.freqm), timem=int(s.timem), epochs=int(s.epochs))
 
 
 def check_teacher(teacher: LoadedModel, ds: Any, featurizer: nn.Module, url: str) -> None:
