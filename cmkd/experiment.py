@@ -14,7 +14,7 @@ from rich.markup import escape
 import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
-from cmkd.console import console, out, table
+from cmkd.console import console, fmt, out, table
 from cmkd.infer.report import write_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
@@ -225,10 +225,15 @@ def write_run_report(run_dir: str, device: Any) -> None:
 
 def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
     rows = []
+    metrics = {s.get("metric", "") for s in summaries.values()}
     for stage, s in summaries.items():
         metric = s.get("metric", "")
         best = s.get("best", {})
-        rows.append((stage, s.get("backbone"), f"{s.get('params', 0) / 1e6:.2f} M", s.get("strategy"), metric,
-                     best.get(f"eval_{metric}"), best.get("epoch"), f"{s.get('seconds', 0):.0f} s"))
+        value = best.get(f"eval_{metric}")
+        rows.append((stage, s.get("backbone"), f"{s.get('params', 0) / 1e6:.2f} M", s.get("strategy"),
+                     value if len(metrics) == 1 else f"{metric} {fmt(value)}", best.get("epoch"),
+                     f"{s.get('seconds', 0):.0f} s"))
+    # the metric names its column (one column fewer: the table fits 80 columns)
+    head = metrics.pop() if len(metrics) == 1 else "metric"
     return table(f"{name}: stages on the eval split (best epoch)",
-                 ["stage", "backbone", "params", "strategy", "metric", "value", "epoch", "time"], rows)
+                 ["stage", "backbone", "params", "strategy", head or "metric", "epoch", "time"], rows)

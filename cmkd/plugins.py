@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "cmkd.data.stream",
     "cmkd.data.synthetic_dataset",
     "cmkd.train.loop",
+    "cmkd.train.loggers",
     "cmkd.experiment",
 )
 

@@ -14,6 +14,7 @@ from cmkd.config import binding_location
 from cmkd.distill.offline import check_teacher_logits
 from cmkd.errors import ConfigError
 from cmkd.registry import call_with_context, strategies
+from cmkd.train.loggers import check_loggers
 from cmkd.train.settings import TrainSettings, check_settings
 from cmkd.train.stage import StageContext, TrainingError, build_loss, seed_everything
 
@@ -31,6 +32,7 @@ def preflight(ctx: StageContext, settings: TrainSettings) -> dict[str, Any]:
     if not hasattr(ds, "train_loader"):
         raise ConfigError(f"stage {ctx.stage!r}: train.dataset is {ds!r}, not a dataset; bind a registered one, "
                           f"e.g. train.dataset = @datasets.webdataset (`cmkd registry datasets` lists them)")
+    check_loggers(s.loggers)  # a chosen W&B / MLflow without its package fails here, not after a stage
     check_settings(ctx.stage, "optimizer", gin.get_bindings("optimizer"))
     check_settings(ctx.stage, "schedule", gin.get_bindings("schedule"))
     refs: list[str] = []
