@@ -15,6 +15,7 @@ import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
 from cmkd.console import console, fmt, out, table
+from cmkd.data.describe import REAL_DATA_HINT
 from cmkd.infer.report import write_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
@@ -212,6 +213,8 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
                     f"stage {stage!r} distils from stage {ref!r}, but their datasets have different classes "
                     f"({seen[ref]['classes'][:5]}... vs {seen[stage]['classes'][:5]}...); give both stages the same "
                     f"dataset")
+    if env.is_main and exp.name != "demo" and any(s.get("synthetic") for s in seen.values()):
+        console.print(f"[yellow]note:[/] {escape(REAL_DATA_HINT)}", highlight=False)
 
 
 def write_run_report(run_dir: str, device: Any) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from cmkd import checkpoint, saved_config, storage
 from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.console import TrainProgress, console, table
+from cmkd.data.describe import describe_dataset
 from cmkd.data.stream import worker_error_message
 from cmkd.device import autocast
 from cmkd.models.classifier import build_classifier
@@ -109,6 +110,7 @@ class Trainer:
                 f"({n_params / 1e6:.2f} M params), {len(self.ds.classes)} classes, {self.steps_per_epoch} steps/epoch "
                 f"× {s.epochs} epochs on {self.device} × {env.world_size}, strategy {type(self.strategy).__name__}"
             )
+            console.print(f"  {escape(describe_dataset(self.ds))}", highlight=False)
         if env.is_main:  # only rank 0 logs
             self.loggers = loggers.build_loggers(s.loggers, stage_dir=self.ctx.stage_dir, experiment=self.ctx.experiment,
                                                  stage=self.ctx.stage, config_text=self.ctx.config_text,
