@@ -19,8 +19,10 @@ from cmkd.data.describe import REAL_DATA_HINT
 from cmkd.infer.report import write_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
+from cmkd.train.loggers import log_report_figures, uses_tensorboard
 from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.loop import check as check_stage
+from cmkd.train.settings import TrainSettings
 
 
 @gin.configurable("experiment")
@@ -220,7 +222,11 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        console.print(f"report: {write_report(run_dir, device=device).markdown}", markup=False, highlight=False)
+        rep = write_report(run_dir, device=device)
+        console.print(f"report: {rep.markdown}", markup=False, highlight=False)
+        with gin.config_scope(None):
+            if uses_tensorboard(TrainSettings(dataset=None).loggers):  # the figures as images, next to the stages'
+                log_report_figures(rep.directory, rep.figures)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
         console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)

@@ -59,6 +59,15 @@ def test_each_stage_folder_has_tensorboard_events_with_the_strategy_parts(tracke
         assert tag in student, sorted(student)
 
 
+def test_the_report_figures_are_tensorboard_images(tracked) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = tracked
+    acc = EventAccumulator(str(run_dir / "report"))
+    acc.Reload()
+    assert "report/curves" in acc.Tags()["images"], acc.Tags()
+
+
 def test_a_non_terminal_log_gets_plain_progress_lines_every_log_every_steps(tracked) -> None:
     _, result = tracked
     lines = [line for line in result.stderr.splitlines() if line.startswith(("teacher ", "student "))
@@ -70,7 +79,7 @@ def test_80_columns_cut_no_name(tracked) -> None:
     _, result = tracked
     assert "…" not in result.stdout + result.stderr
     table = result.stdout[result.stdout.index("stages on the eval split"):]
-    for word in ("EfficientNetBackbone", "NoDistillation", "LogitKD", "accuracy"):
+    for word in ("EfficientNetBackbone", "NoDistillation", "LogitKD", "accuracy", "teacher", "student"):
         assert word in table, table
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 

@@ -192,6 +192,28 @@ def check_loggers(chosen: Any) -> None:
                 _import_optional(package, name)
 
 
+def uses_tensorboard(chosen: Any) -> bool:
+    """Whether ``train.loggers`` (None: the default) includes TensorBoard."""
+    if chosen is None:
+        return True
+    items = [chosen] if callable(chosen) or isinstance(chosen, str) else list(chosen)
+    tb = loggers.get("tensorboard")
+    return any(i == "tensorboard" or i is tb or isinstance(i, TensorBoardLogger) for i in items)
+
+
+def log_report_figures(report_dir: str, figures: list[str]) -> None:
+    """The report's figures (curves, confusion matrices) as TensorBoard images, in the report folder."""
+    figures = [f for f in figures if f.endswith(".png")]
+    if not figures:
+        return
+    board = TensorBoardLogger(report_dir)
+    try:
+        for name in figures:
+            board.add_image_png(f"report/{name.removesuffix('.png')}", storage.read_bytes(storage.join(report_dir, name)))
+    finally:
+        board.close()
+
+
 def close_all(active: list[Any]) -> None:
     for logger in active:
         close = getattr(logger, "close", None)
