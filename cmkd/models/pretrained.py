@@ -82,10 +82,12 @@ def check_weights_file(url: str | os.PathLike[str]) -> None:
 
 def check_pretrained_available(name: str) -> None:
     """timm's pretrained ``name`` can be had: the hub answers, or the file is in the local cache."""
-    reason = _hub_unreachable()
-    if reason is None or _in_hub_cache(name):
+    if _in_hub_cache(name):
         return
-    raise PretrainedUnavailableError(offline_message(name, reason))
+    reason = ("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache" if _offline_chosen()
+              else _hub_unreachable())
+    if reason is not None:
+        raise PretrainedUnavailableError(offline_message(name, reason))
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -295,12 +297,16 @@ def offline_message(name: str, reason: str) -> str:
             f"HF_HUB_OFFLINE=1 with a filled Hugging Face cache works too)")
 
 
+def _offline_chosen() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hugging Face hub cannot be reached (None: it can, or HF_HUB_OFFLINE says use the cache)."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if _offline_chosen():
         return None  # the user chose the cache; timm reads it
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = url.hostname or "huggingface.co"

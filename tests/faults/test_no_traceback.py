@@ -75,6 +75,15 @@ def test_offline_pretrained_weights_fail_before_any_stage_trains(tmp_path: Path)
     assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
 
 
+def test_hf_hub_offline_with_an_empty_cache_fails_at_the_door(tmp_path: Path) -> None:
+    result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet",
+                  "student/classifier.pooler = @poolers.mean", "student/backbones.efficientnet.name = 'efficientnet_b0'",
+                  "student/backbones.efficientnet.pretrained = True", args=("--device", "cpu"),
+                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert_one_error_line(result, "HF_HUB_OFFLINE", "PRETRAINED=False", "weights=")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
 def test_a_model_build_error_in_a_later_stage_fails_before_the_teacher_trains(tmp_path: Path) -> None:
     result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet", args=("--device", "cpu"))
     assert_one_error_line(result, "student", "poolers.token")
