@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Sequence
 
 from cmkd.errors import ConfigError
@@ -27,7 +28,15 @@ def macros(sources: Sequence[tuple[str, list[str]]]) -> set[str]:
     return found
 
 
-def check_macros(files: Sequence[tuple[str, list[str]]], bindings: Sequence[str]) -> None:
+def recipes_using(name: str, recipes: Path | None) -> list[str]:
+    """Shipped recipes that use ``%name`` (e.g. the data recipes for DATA_ROOT), as gin/… paths."""
+    if recipes is None or not recipes.is_dir():
+        return []
+    pattern = re.compile(rf"%{re.escape(name)}\b")
+    return sorted(f"gin/{p.relative_to(recipes)}" for p in recipes.rglob("*.gin") if pattern.search(p.read_text()))
+
+
+def check_macros(files: Sequence[tuple[str, list[str]]], bindings: Sequence[str], recipes: Path | None = None) -> None:
     """ConfigError for ``-b NAME=...`` when no gin file (nor another -b) uses or defines NAME."""
     known = macros([*files, ("--bind", [b for b in bindings if not _MACRO_BIND.match(b)])])
     known |= macros(files)
@@ -37,7 +46,11 @@ def check_macros(files: Sequence[tuple[str, list[str]]], bindings: Sequence[str]
             continue
         name = match.group(1)
         close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Macros of these files: {', '.join(sorted(known)) or 'none'}."
+        users = recipes_using(name, recipes)
+        hint = (f" Did you mean {', '.join(close)}?" if close else
+                f" It is used by {', '.join(users[:4])}{', ...' if len(users) > 4 else ''}: give one of them too"
+                f" (e.g. after the model recipe)." if users else
+                f" Macros of these files: {', '.join(sorted(known)) or 'none'}.")
         raise ConfigError(f"in --bind {binding!r}: no gin file uses the macro {name} (%{name}), so this binding "
                           f"would change nothing.{hint}")
 

@@ -84,7 +84,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
         raise ConfigError(f"{path} (or a file it includes): the file ends inside an open bracket or string "
                           f"({err.args[0]}); close the bracket or quote") from None
     files = _SOURCES[:-1]
-    bindings_checks.check_macros(files, bindings)  # -b CNN_BATHC=8: an error, not a silent no-op
+    bindings_checks.check_macros(files, bindings, recipes_dir())  # -b CNN_BATHC=8: an error, not a silent no-op
     for note in bindings_checks.overridden(files, bindings):  # -b train.epochs=1 under teacher/train.epochs
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     for binding in bindings:
