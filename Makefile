@@ -9,7 +9,9 @@ STAMP := $(VENV)/.cmkd-installed
 demo: $(STAMP)
 	$(VENV)/bin/cmkd run gin/demo.gin --run-dir runs
 
+# The linter first: it takes a second and names the file and line.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 setup: $(STAMP)

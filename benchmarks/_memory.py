@@ -9,6 +9,7 @@ from typing import Any
 
 from _common import markdown_table
 
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):
@@ -195,7 +196,8 @@ def memory_report(mem: dict[str, dict[str, Any]], x1: str, xn: str, workers: int
     if ratio_off is not None:
         size_words += (f"; with the fbank off (the data pipeline alone) {ratio_off['main_rss']:.2f}x, "
                        f"{ratio_off['workers_rss']:.2f}x and {ratio_off['pss']:.2f}x")
-    epoch_words = (f"Over its whole {n}-step epoch the {xn} run peaks at {whole[xn]['main_rss'] * mib:.0f} MiB main RSS "
+    epoch_words = (f"Over its whole {n}-step epoch the {xn} run peaks at {whole[xn]['main_rss'] * mib:.0f} MiB main "
+                   "RSS "
                    f"and {whole[xn]['pss'] * mib:.0f} MiB PSS, {whole[xn]['main_rss'] / whole[x1]['main_rss']:.2f}x "
                    f"and {whole[xn]['pss'] / whole[x1]['pss']:.2f}x the {k}-step 1x epoch's")
     main_traj = at[xn]["main_rss"]
@@ -206,12 +208,14 @@ def memory_report(mem: dict[str, dict[str, Any]], x1: str, xn: str, workers: int
                       f"step {k} to {main_steps[levels - 1]:.0f} MiB after step {levels} and then stays within "
                       f"{(PLATEAU_TOLERANCE - 1) * 100:.0f}% of that for the remaining {n - levels} steps")
     else:
-        time_words = (f"the main RSS grows with steps ({main_traj[0]:.0f} MiB after step {k}, {main_traj[-1]:.0f} after "
+        time_words = (f"the main RSS grows with steps ({main_traj[0]:.0f} MiB after step {k}, "
+                      f"{main_traj[-1]:.0f} after "
                       f"step {n}) and had not levelled off by the end of the run, so growth with time is not shown "
                       f"to be bounded")
     if not flat_size and flat_off:
         verdict = (f"**not met as measured**: {size_words}. The pipeline alone is flat, so the excess is the main "
-                   f"process's growth with steps, which starts within the first {k} steps. {epoch_words}; {time_words}.")
+                   f"process's growth with steps, which starts within the first {k} steps. "
+                   f"{epoch_words}; {time_words}.")
     elif not flat_size or (ratio_off is not None and not flat_off):
         verdict = f"**not met**: {size_words}. {epoch_words}; {time_words}."
     elif not grows or levels is not None:
@@ -250,10 +254,12 @@ def memory_report(mem: dict[str, dict[str, Any]], x1: str, xn: str, workers: int
                    f"the shuffle buffer (256 undecoded records each) and the prefetch queue.")
 
     text = "\n".join([
-        f"Memory of the main process + {workers} DataLoader worker(s), each run one streaming epoch in a fresh process, sampled "
+        f"Memory of the main process + {workers} DataLoader worker(s), each run one streaming epoch in a fresh "
+        "process, sampled "
         f"every 0.1 s and at every step and filed by step. RSS sums count pages shared after fork once per process; "
         f"PSS is the anonymous + shared-memory PSS of all of them (shared pages split between them; library pages, "
-        f"whose PSS depends on what else runs on the machine, left out). Columns 'first {k} steps' compare the same amount of work on the 1x and the {xn} "
+        "whose PSS depends on what else runs on the machine, left out). "
+        f"Columns 'first {k} steps' compare the same amount of work on the 1x and the {xn} "
         f"dataset; 'epoch' columns are whole-epoch peaks ({k} vs {n} steps):",
         "",
         size_table,

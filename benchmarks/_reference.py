@@ -24,7 +24,7 @@ import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
 SR = 16000
-NORM = (-4.2677393, 4.5689974)  # AST AudioSet statistics (REFERENCE.md)
+NORM = (-4.2677393, 4.5689974)  # AST AudioSet statistics (docs/reference.md; ast egs/audioset/run.sh)
 
 
 class SyntheticClips(torch.utils.data.Dataset):
@@ -110,7 +110,8 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if teacher_logits is None:
         return loss
     soft = torch.sigmoid(teacher_logits)
-    kd = F.binary_cross_entropy_with_logits(student_logits, soft) - F.binary_cross_entropy_with_logits(teacher_logits, soft)
+    bce = F.binary_cross_entropy_with_logits
+    kd = bce(student_logits, soft) - bce(teacher_logits, soft)
     return lam * loss + (1 - lam) * kd
 
 

@@ -40,22 +40,28 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import current_rss_mb, emit, load_average, machine, markdown_table, median, spread, sync  # noqa: E402
 from _reference import (  # noqa: E402
-    NORM, ReferenceClips, SyntheticClips, reference_models, reference_optimizer, reference_step,
+    NORM,
+    ReferenceClips,
+    SyntheticClips,
+    reference_models,
+    reference_optimizer,
+    reference_step,
 )
 
+import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
 from cmkd.audio.augment import Mixup, SpecAugment  # noqa: E402
 from cmkd.audio.features import Fbank  # noqa: E402
-import cmkd.distill.strategies  # noqa: E402,F401 - registers logit_kd, offline_kd, none
+from cmkd.device import autocast  # noqa: E402
 from cmkd.distill.losses import BCE  # noqa: E402
 from cmkd.distill.offline import save_teacher_logits  # noqa: E402
 from cmkd.models.classifier import build_classifier  # noqa: E402
 from cmkd.registry import backbones, heads, strategies  # noqa: E402
-from cmkd.device import autocast  # noqa: E402
-from cmkd.train.pipeline import DataWait, compile_models  # noqa: E402
 from cmkd.train.optim import build_optimizer  # noqa: E402
+from cmkd.train.pipeline import DataWait, compile_models  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
-    # The paper's: EfficientNet-B2, AST-base (DeiT-base 768/12/12, stride 10), 10 s → 128 × 1024, AudioSet's 527 classes.
+    # The paper's: EfficientNet-B2, AST-base (DeiT-base 768/12/12, stride 10), 10 s → 128 × 1024,
+    # AudioSet's 527 classes.
     "paper": dict(n_mels=128, frames=1024, seconds=10.0, cnn="efficientnet_b2", embed_dim=768, depth=12, heads=12,
                   classes=527, freqm=48, timem=192, batch={"cpu": 2, "cuda": {"ast": 12, "cnn": 24}}),
     # Small enough for a loaded laptop CPU: B0, a 4-block 192-wide AST, 2.56 s clips.
@@ -86,7 +92,8 @@ def build_model(kind: str, shape: dict[str, Any], device: torch.device) -> nn.Mo
     return model.to(device)
 
 
-def loader(dataset: torch.utils.data.Dataset, batch: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+def loader(dataset: torch.utils.data.Dataset, batch: int, workers: int,
+           device: torch.device) -> torch.utils.data.DataLoader:
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(0))
     kwargs: dict[str, Any] = dict(batch_size=batch, sampler=sampler, num_workers=workers,
@@ -197,12 +204,13 @@ def make_cases(shape: dict[str, Any], direction: str, variants: list[str], devic
 
         step = cmkd_step(student, strat, opt, featurizer, specaug, mix, holder, device)
         teachers = list(getattr(strat, "teachers", []))
-        cases.append(Case(name, step, wrap, batch, (student, *teachers, opt), student, teachers[0] if teachers else None))
+        first_teacher = teachers[0] if teachers else None
+        cases.append(Case(name, step, wrap, batch, (student, *teachers, opt), student, first_teacher))
     return cases
 
 
-def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], device: torch.device, clips: SyntheticClips,
-              tmp: str, direction: str) -> Any:
+def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], device: torch.device,
+              clips: SyntheticClips, tmp: str, direction: str) -> Any:
     loss = BCE()
     if variant == "no_kd":
         return strategies.get("none")(loss=loss)
@@ -217,7 +225,8 @@ def _strategy(variant: str, teacher: nn.Module | None, shape: dict[str, Any], de
 
 
 def cmkd_step(student: nn.Module, strat: Any, optimizer: torch.optim.Optimizer, featurizer: nn.Module,
-              specaug: SpecAugment, mix: Mixup | None, holder: dict[str, Any], device: torch.device) -> Callable[[], float]:
+              specaug: SpecAugment, mix: Mixup | None, holder: dict[str, Any],
+              device: torch.device) -> Callable[[], float]:
     """The body of cmkd.train.trainer.Trainer.step, as it ships (kept in step with it by tests)."""
     gen = torch.Generator().manual_seed(0)
     student.train()
@@ -447,13 +456,14 @@ def table(res: dict[str, Any]) -> str:
     text = head + "\n\n" + markdown_table(cols, rows)
     if res.get("measured_peak_tflops"):
         rate = res["measured_peak_tflops"]
-        text += f"\nmeasured dense matrix rate: " + (f"{rate:.1f} TFLOP/s" if rate >= 1 else f"{rate * 1e3:.0f} GFLOP/s")
+        text += "\nmeasured dense matrix rate: " + (f"{rate:.1f} TFLOP/s" if rate >= 1 else f"{rate * 1e3:.0f} GFLOP/s")
     if res.get("peak_tflops"):
         text += f"; MFU against a nominal {res['peak_tflops']:g} TFLOP/s"
     if res.get("process_peak_mb"):
         text += f"\nGPU memory, all cases resident together: max allocated {res['process_peak_mb']:.0f} MiB"
     for d, p in res["parity"].items():
-        text += f"\nloss parity {d}: cmkd {p['cmkd']:.6f} vs reference {p['reference']:.6f} (rel. diff {p['rel_diff']:.1e})"
+        text += (f"\nloss parity {d}: cmkd {p['cmkd']:.6f} vs reference {p['reference']:.6f} "
+                 f"(rel. diff {p['rel_diff']:.1e})")
     return text
 
 
@@ -472,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="add the torch.compile'd variant (slow to start)")
     p.add_argument("--flops", action="store_true", help="count FLOPs per clip (torch.utils.flop_counter)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (H200 bf16: 790)")
-    p.add_argument("--measure-peak", action="store_true", help="also measure the dense matrix rate and report MFU against it")
+    p.add_argument("--measure-peak", action="store_true", help="also measure the dense matrix rate and report MFU "
+                                                               "against it")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the first-loss parity check")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
     args = p.parse_args(argv)

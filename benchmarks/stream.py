@@ -139,7 +139,8 @@ def run_child(root: str, splits: list[str], workers: int, batch: int, fbank: boo
     import json
 
     out = subprocess.run([sys.executable, __file__, "--child", root, ",".join(splits), "--workers", str(workers),
-                          "--batch-size", str(batch)] + ([] if fbank else ["--no-fbank"]) + (["--trim"] if trim else []),
+                          "--batch-size", str(batch)]
+                         + ([] if fbank else ["--no-fbank"]) + (["--trim"] if trim else []),
                          capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -207,7 +208,8 @@ def scaled_copy(src: Path, dest: Path, times: int, splits: list[str] = FOLDS) ->
         os.symlink(shards[i % len(shards)], dest / f"train-{i:06d}.tar")
     total = sum(m.splits[s].samples for s in splits)
     Manifest(m.name, m.classes, m.multilabel, m.sample_rate, m.clip_seconds,
-             {"train": Split(shard_pattern("train", times * len(shards)), times * total, 1)}, norm=m.norm).save(str(dest))
+             {"train": Split(shard_pattern("train", times * len(shards)), times * total, 1)},
+             norm=m.norm).save(str(dest))
     return str(dest)
 
 
@@ -220,7 +222,8 @@ def update_readme(path: Path, section: str) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-def time_rounds(cases: dict[str, Callable[[int], int]], epochs: int, loads: list[tuple], label: str = "") -> dict[str, list[float]]:
+def time_rounds(cases: dict[str, Callable[[int], int]], epochs: int, loads: list[tuple],
+                label: str = "") -> dict[str, list[float]]:
     """clips/s of each case's epochs, interleaved round by round; the load average after each round."""
     rates: dict[str, list[float]] = {k: [] for k in cases}
     for epoch in range(epochs):
@@ -372,7 +375,8 @@ def main() -> None:
             f"{(per_clip['decode'] + per_clip['kaldi']) / (per_clip['decode'] + per_clip['batched']):.2f}x; "
             f"with the fbank on a GPU the host CPU only decodes (last row of the table: {nofb / base:.2f}x). "
             f"Streaming reads {n_shards} sequential tar files instead of {n_clips} small files and moves the fbank "
-            "out of the workers into one batched call. S3 adds one HTTP stream per shard and moto's Python server on the same "
+            "out of the workers into one batched call. "
+            "S3 adds one HTTP stream per shard and moto's Python server on the same "
             "cores.",
             "",
             memory["text"],

@@ -27,24 +27,36 @@ _UNKNOWN_REF = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+)
 
 
 def recipes_dir() -> Path:
-    """The folder of shipped recipes (``gin/`` next to the package, or $CMKD_GIN_DIR)."""
+    """The folder of shipped recipes (package data ``cmkd/recipes/``, or $CMKD_GIN_DIR).
+
+    The repository's ``gin/`` is a link to it, so ``cmkd run gin/demo.gin`` works from a checkout."""
     env = os.environ.get("CMKD_GIN_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "gin"
+    return Path(env) if env else Path(__file__).resolve().parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    """The shipped recipes, as names ``cmkd run`` accepts (relative to :func:`recipes_dir`)."""
+    root = recipes_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.gin"))
 
 
 def resolve_recipe(path: str) -> Path:
-    """A gin file as given, or relative to the shipped recipes (`cmkd run demo.gin`)."""
-    for candidate in (Path(path), recipes_dir() / path, recipes_dir() / Path(path).name):
+    """A gin file as given, or a shipped recipe by path or name (`cmkd run demo.gin`, `cmkd run esc50/kd`)."""
+    named = [path] if path.endswith(".gin") else [path, path + ".gin"]
+    # A path under the checkout's gin/ link also names the shipped recipe, from any folder.
+    inner = [n[len("gin/"):] for n in named if n.startswith("gin/")]
+    candidates = [Path(path)] + [recipes_dir() / n for n in named + inner] + [recipes_dir() / Path(named[-1]).name]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
     raise ConfigError(
         f"gin file {path!r} not found (looked in {Path.cwd()} and {recipes_dir()}); "
-        f"pass a path to a .gin file, e.g. gin/demo.gin"
+        f"pass a path to a .gin file or a shipped recipe's name, e.g. demo.gin or esc50/cnn_to_ast"
     )
 
 
 def _search_paths(files: Sequence[Path]) -> list[Path]:
-    """Folders includes may be relative to: each file's folder (recursively) and gin/."""
+    """Folders includes may be relative to: each file's folder (recursively) and the shipped recipes."""
     seen: list[Path] = [recipes_dir()]
     todo = list(files)
     while todo:
@@ -103,7 +115,7 @@ _UNKNOWN_PARAM = re.compile(r"Configurable '([\w./]+)' doesn't have a parameter 
 
 
 def _gin_files(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` and every file they include, resolved like gin does (own folder, then gin/)."""
+    """``paths`` and every file they include, resolved like gin does (own folder, then the shipped recipes)."""
     files: list[Path] = []
     todo = list(paths)
     while todo:

@@ -14,9 +14,9 @@ from rich.markup import escape
 import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
-from cmkd.console import console, fmt, out, table
+from cmkd.console import console, out, table
 from cmkd.data.describe import REAL_DATA_HINT
-from cmkd.infer.report import write_report
+from cmkd.infer import report as run_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
 from cmkd.train.loggers import log_report_figures, uses_tensorboard
@@ -222,7 +222,7 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        rep = write_report(run_dir, device=device)
+        rep = run_report.write_report(run_dir, device=device)
         console.print(f"report: {rep.markdown}", markup=False, highlight=False)
         with gin.config_scope(None):
             if uses_tensorboard(TrainSettings(dataset=None).loggers):  # the figures as images, next to the stages'
@@ -232,17 +232,33 @@ def write_run_report(run_dir: str, device: Any) -> None:
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)
 
 
-def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
-    rows = []
-    metrics = {s.get("metric", "") for s in summaries.values()}
+def stage_roles(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """'teacher', 'student (KD)' or 'same model, no KD' (a stage without a teacher whose backbone is a
+    KD student's), so a table of teacher / student / baseline reads as what it compares."""
+    taught = {st: s.get("teachers") or [] for st, s in summaries.items()}
+    students = {summaries[st].get("backbone") for st, t in taught.items() if t}
+    roles = {}
     for stage, s in summaries.items():
-        metric = s.get("metric", "")
+        if taught[stage]:
+            roles[stage] = "student (KD)"
+        elif any(f"/{stage}/" in url for t in taught.values() for url in t):
+            roles[stage] = "teacher"
+        elif s.get("backbone") in students:
+            roles[stage] = "same model, no KD"
+        else:
+            roles[stage] = ""
+    return roles
+
+
+def comparison_table(name: str, summaries: dict[str, dict[str, Any]]):
+    # Narrow enough for an 80-column terminal: the role says what the strategy column used to.
+    rows = []
+    roles = stage_roles(summaries)
+    metric = next((s.get("metric") for s in summaries.values() if s.get("metric")), "")
+    for stage, s in summaries.items():
         best = s.get("best", {})
-        value = best.get(f"eval_{metric}")
-        rows.append((stage, s.get("backbone"), f"{s.get('params', 0) / 1e6:.2f} M", s.get("strategy"),
-                     value if len(metrics) == 1 else f"{metric} {fmt(value)}", best.get("epoch"),
-                     f"{s.get('seconds', 0):.0f} s"))
-    # the metric names its column (one column fewer: the table fits 80 columns)
-    head = metrics.pop() if len(metrics) == 1 else "metric"
-    return table(f"{name}: stages on the eval split (best epoch)",
-                 ["stage", "backbone", "params", "strategy", head or "metric", "epoch", "time"], rows)
+        model = f"{str(s.get('backbone', '')).removesuffix('Backbone')} {s.get('params', 0) / 1e6:.2f} M"
+        rows.append((stage, roles[stage], model, best.get(f"eval_{metric}"), best.get("epoch"),
+                     s.get("last", {}).get(f"eval_{metric}"), f"{s.get('seconds', 0):.0f} s"))
+    return table(f"{name}: stages on the eval split, {metric} (best epoch, and the last)",
+                 ["stage", "role", "model", "best", "epoch", "last", "time"], rows)

@@ -23,7 +23,7 @@ BUILTIN_MODULES = (
     "cmkd.distill.losses",
     "cmkd.distill.strategies",
     "cmkd.data.stream",
-    "cmkd.data.synthetic_dataset",
+    "cmkd.data.synthetic.dataset",
     "cmkd.train.loop",
     "cmkd.train.loggers",
     "cmkd.experiment",

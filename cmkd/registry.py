@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import gin
+
 from cmkd.errors import CmkdError
 
 # Set while a plugin module is imported, so its entries are attributed to the plugin.

@@ -16,11 +16,12 @@ import os
 import re
 from typing import Iterable
 
+from gin import config as gin_config
+from gin import config_parser
+
 from cmkd import plugins
 from cmkd.errors import ConfigError, ImportNotAllowed
 from cmkd.registry import REGISTRIES
-from gin import config as gin_config
-from gin import config_parser
 
 # Modules a saved config may import besides the plugins' and the user's gin files' (comma-separated);
 # never enough for dynamic registration or a configurable outside cmkd and its plugins.

@@ -1,4 +1,8 @@
-"""Reading and writing run artefacts at any fsspec URL (local path, s3://, gs://, ...)."""
+"""Reading and writing run artefacts at any fsspec URL (local path, s3://, gs://, ...).
+
+The only module that opens fsspec: everything else asks it for a file, a filesystem or bytes,
+so per-URL-prefix ``storage_options`` (endpoints, credentials) apply everywhere (docs/data.md).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,9 @@ import warnings
 from typing import Any, Callable, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
+import gin
 
 from cmkd.errors import CmkdError
-
 
 T = TypeVar("T")
 
@@ -79,9 +82,11 @@ def failure(url: str, action: str, err: BaseException) -> StorageError:
     if isinstance(err, MemoryError):
         todo = "the machine ran out of memory; free memory (fewer workers, a smaller batch) and rerun"
     elif code in _NO_SPACE:
-        todo = "the disk is full; free space there or pick another destination, then rerun (`cmkd run --resume` continues a run)"
+        todo = ("the disk is full; free space there or pick another destination, then rerun "
+                "(`cmkd run --resume` continues a run)")
     elif code in _NO_RIGHT:
-        todo = "no permission to write there (or a read-only filesystem); fix the permissions or pick another destination"
+        todo = ("no permission to write there (or a read-only filesystem); fix the permissions or pick another "
+                "destination")
     elif isinstance(err, transient_errors()) or "connect" in str(err).lower():
         todo = ("the storage is unreachable; check the endpoint (AWS_ENDPOINT_URL), the network and the credentials, "
                 "then rerun (`cmkd run --resume` continues a run), or raise CMKD_WRITE_RETRIES / CMKD_WRITE_BACKOFF")
@@ -122,6 +127,50 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+# fsspec options per URL prefix, set by configure(); the gin binding storage.options adds to them.
+_CONFIGURED: dict[str, dict[str, Any]] = {}
+
+
+@gin.configurable("storage", allowlist=["options"])
+def _gin_options(options: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """``storage.options = {"s3://bucket/": {"client_kwargs": {"endpoint_url": ...}}}`` in gin."""
+    return dict(options or {})
+
+
+def configure(options: dict[str, dict[str, Any]] | None) -> None:
+    """Set fsspec options per URL prefix for this process (replacing earlier ones), e.g.
+    ``{"s3://my-bucket/": {"anon": True}}``; a URL gets those of the longest prefix it starts with."""
+    for prefix, opts in (options or {}).items():
+        if not isinstance(opts, dict):
+            raise ValueError(f"storage options for {prefix!r} must be a dict of fsspec arguments, got {opts!r}")
+    _CONFIGURED.clear()
+    _CONFIGURED.update({str(p): dict(o) for p, o in (options or {}).items()})
+
+
+def options_for(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options for ``url``: its longest configured prefix's, overridden by ``storage_options``."""
+    table = {**_gin_options(), **_CONFIGURED}
+    prefixes = [p for p in table if str(url).startswith(p)]
+    base = table[max(prefixes, key=len)] if prefixes else {}
+    return {**base, **(storage_options or {})}
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``url``, with its storage options."""
+    return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+
+
+def open_file(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """An fsspec ``OpenFile`` (use it in ``with``, or ``.open()`` it for a handle kept open)."""
+    return fsspec.open(url, mode, **kwargs, **options_for(url, storage_options))
+
+
+def is_local_fs(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
@@ -138,9 +187,9 @@ def exists(url: str) -> bool:
     return look() if is_local(url) else retrying(url, "look up", look, wrap_all=False)
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     def get() -> bytes:
-        with fsspec.open(url, "rb") as f:
+        with open_file(url, "rb", storage_options) as f:
             return f.read()
 
     return get() if is_local(url) else retrying(url, "read", get, wrap_all=False)
@@ -150,7 +199,7 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write all-or-nothing: a reader never sees a half-written file.
 
     Local: write a temp file in the same folder, fsync, then rename over the target.
@@ -182,11 +231,39 @@ def write_bytes(url: str, data: bytes) -> None:
         return
 
     def put() -> None:
-        fs, path = url_to_fs(url)
+        fs, path = url_to_fs(url, storage_options)
         with fs.open(path, "wb") as f:
             f.write(data)
 
     retrying(url, "write", put)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` to ``url`` only if nothing is there; False when something is.
+
+    Local: ``O_CREAT | O_EXCL``. S3: a conditional PutObject (``If-None-Match: *``, s3fs's
+    ``mode="create"``). Other stores have no conditional write: write, then read back our bytes
+    (two writers in the same instant can both pass there)."""
+    if is_local(url):
+        try:
+            fd = os.open(local_path(url), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    fs, path = url_to_fs(url)
+    if "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    fs.invalidate_cache(path)
+    return fs.cat_file(path) == data
 
 
 def write_text(url: str, text: str) -> None:
@@ -238,12 +315,6 @@ def leaked_secrets(text: str) -> list[str]:
     """Names of credential environment variables whose value appears in ``text`` (values under
     8 characters are ignored: too likely to match by chance)."""
     return sorted(k for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8 and v in text)
-
-
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options safe to log: secrets replaced by '***'."""
-    secret = ("key", "secret", "token", "password", "credential")
-    return {k: ("***" if any(s in k.lower() for s in secret) else v) for k, v in options.items()}
 
 
 def rename(src: str, dst: str) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-
 from tones import write_tone_dataset
 
 

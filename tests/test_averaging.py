@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from cmkd import components, config
 from cmkd.cli import app
-from cmkd.models.factory import build_frontend, load_model
-from cmkd.models.classifier import build_classifier
-from cmkd.train import checkpoint
 from cmkd.experiment import Experiment, resolve_teacher
+from cmkd.models.classifier import build_classifier
+from cmkd.models.factory import build_frontend, load_model
+from cmkd.train import checkpoint
 from cmkd.train.averaging import LastEpochs, RunningMean, average_state_dicts
 from cmkd.train.checkpoint import CheckpointError
 
@@ -34,9 +34,12 @@ CLASSES = ["a", "b", "c"]
 
 def test_mean_of_three_hand_made_state_dicts() -> None:
     sds = [
-        {"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.tensor([0.5]), "bn.num_batches_tracked": torch.tensor(3)},
-        {"w": torch.tensor([4.0, -2.0]), "bn.running_var": torch.tensor([1.5]), "bn.num_batches_tracked": torch.tensor(7)},
-        {"w": torch.tensor([7.0, 3.0]), "bn.running_var": torch.tensor([4.0]), "bn.num_batches_tracked": torch.tensor(11)},
+        {"w": torch.tensor([1.0, 2.0]), "bn.running_var": torch.tensor([0.5]),
+         "bn.num_batches_tracked": torch.tensor(3)},
+        {"w": torch.tensor([4.0, -2.0]), "bn.running_var": torch.tensor([1.5]),
+         "bn.num_batches_tracked": torch.tensor(7)},
+        {"w": torch.tensor([7.0, 3.0]), "bn.running_var": torch.tensor([4.0]),
+         "bn.num_batches_tracked": torch.tensor(11)},
     ]
     avg = average_state_dicts(sds)
     assert torch.equal(avg["w"], torch.tensor([4.0, 1.0]))  # (1+4+7)/3, (2-2+3)/3

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import gin
+import pytest
+from helpers import cmkd_env, run_cmkd
+
 from cmkd import config, plugins
 from cmkd.errors import ConfigError
-from helpers import cmkd_env, run_cmkd
 
 ROOT = Path(__file__).resolve().parent.parent
 ESC50 = str(ROOT / "gin" / "esc50" / "cnn_to_ast.gin")

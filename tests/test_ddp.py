@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import TINY_AST, TINY_CNN, cmkd_env, launcher, read_json, read_jsonl, run_cmkd, write_gin
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -43,8 +42,8 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
     are 10-50% off from the first step; the trajectory itself moves by > 0.01 every step."""
     gin = write_gin(tmp_path / "parity.gin", "import ddp_toy", TINY_AST, PARITY)
     env = cmkd_env(tmp_path)
-    one = run_cmkd(["run", gin, "--run-dir", tmp_path / "one", "--device", "cpu", "-b", "train.batch_size = 8"],
-                   env=env, timeout=RUN_TIMEOUT).check()
+    run_cmkd(["run", gin, "--run-dir", tmp_path / "one", "--device", "cpu", "-b", "train.batch_size = 8"],
+             env=env, timeout=RUN_TIMEOUT).check()
     two = run_cmkd(["run", gin, "--run-dir", tmp_path / "two", "--device", "cpu", "-b", "train.batch_size = 4"],
                    env=env, timeout=RUN_TIMEOUT, prefix=launcher("torchrun", nproc=2)).check()
 
@@ -55,7 +54,8 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path):
     assert np.abs(np.diff(loss1)).min() > 0.01, f"the trajectory must move for the comparison to mean anything: {loss1}"
     np.testing.assert_allclose(loss2, loss1, rtol=1e-5, atol=0)
 
-    m1, m2 = read_jsonl(tmp_path / "one/parity/main/metrics.jsonl"), read_jsonl(tmp_path / "two/parity/main/metrics.jsonl")
+    m1 = read_jsonl(tmp_path / "one/parity/main/metrics.jsonl")
+    m2 = read_jsonl(tmp_path / "two/parity/main/metrics.jsonl")
     assert [r["step"] for r in m2] == [4, 8]
     for a, b in zip(m1, m2):  # evaluation gathered over 2 ranks = evaluation in one process
         assert a["eval_samples"] == b["eval_samples"] == 7  # odd: 4 on rank 0, 3 on rank 1

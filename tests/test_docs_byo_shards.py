@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from helpers import TESTS_DIR, cmkd_env, read_json, run_cmkd
 from wds_shards import CLASSES, LAYOUTS, classes_file, write_wds
 
@@ -31,7 +30,8 @@ def test_bring_your_own_shards_commands_run_as_written(tmp_path: Path) -> None:
     write_wds(tmp_path / "tagged", LAYOUTS["multi_dot"][0])
     classes_file(tmp_path)
     commands = _commands()
-    assert [c[:2] for c in commands] == [["cmkd", "prepare"], ["cmkd", "stats"], ["cmkd", "prepare"], ["cmkd", "prepare"]]
+    assert [c[:2] for c in commands] == [["cmkd", "prepare"], ["cmkd", "stats"],
+                                         ["cmkd", "prepare"], ["cmkd", "prepare"]]
     for command in commands:
         run_cmkd(command[1:], env=cmkd_env(tmp_path), cwd=tmp_path, timeout=120).check()
     own = read_json(tmp_path / "shards" / "dataset.json")

@@ -45,7 +45,8 @@ def clips(tmp_path_factory) -> list[torch.Tensor]:
         return np.arange(int(seconds * SR)) / SR
 
     a = t(10.0)
-    tone_noise = 0.3 * np.sin(2 * np.pi * 440 * a) + 0.1 * np.sin(2 * np.pi * 3100 * a) + 0.02 * rng.standard_normal(a.size)
+    tone_noise = (0.3 * np.sin(2 * np.pi * 440 * a) + 0.1 * np.sin(2 * np.pi * 3100 * a)
+                  + 0.02 * rng.standard_normal(a.size))
     b = t(7.3)
     chirp = 0.5 * np.sin(2 * np.pi * (50 * b + 400 * b**2)) + 0.03  # DC offset on purpose
     c = t(4.1)
@@ -75,7 +76,8 @@ def test_batched_fbank_matches_torchaudio_per_clip(clips, chunk, one_thread):
     ours = fbank.log_mel(batch)
     ref = torch.stack([fbank.pad_or_cut(_reference(c)) for c in batch]).unsqueeze(1)
     diff = (ours - ref).abs()
-    print(f"fbank parity (chunk {chunk}): max |Fbank - kaldi.fbank| = {diff.max().item():.3e}, mean = {diff.mean().item():.3e}")
+    print(f"fbank parity (chunk {chunk}): max |Fbank - kaldi.fbank| = {diff.max().item():.3e}, "
+          f"mean = {diff.mean().item():.3e}")
     assert ours.shape == (4, 1, 128, 1024)
     assert diff.max() <= 1e-3
     assert diff.mean() <= 1e-6  # bulk agreement is at fp32 rounding level, not just within tolerance

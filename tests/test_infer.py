@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import TINY_AST, TINY_CNN
 from typer.testing import CliRunner
 
 from cmkd.cli import app
 from cmkd.models.factory import load_model
-from helpers import TINY_AST, TINY_CNN
 
 SR = 16000
 CLIP_S = 1.0

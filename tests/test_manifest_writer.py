@@ -12,12 +12,13 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from tones import SR, tone
 
 from cmkd.data.manifest import Manifest, ManifestError, Norm, Split, brace_expand
-from cmkd.data.stats import NormStats, compute_stats
+from cmkd.data.recipes.stats import recompute_stats
+from cmkd.data.stats import NormStats
 from cmkd.data.stream import iter_samples
 from cmkd.data.writer import DatasetWriter, ShardWriter, WriterError
-from tones import SR, tone
 
 CLASSES = ["dog", "cat", "bird"]
 
@@ -168,13 +169,14 @@ def test_rewriting_keeps_the_old_dataset_until_the_new_manifest_is_published(tmp
     ds.close()
     new = Manifest.load(root)
     assert new.splits["train"].samples == 1 and new.splits["train"].shards != old.splits["train"].shards
-    assert sorted(p.name for p in tmp_path.glob("*.tar")) == sorted(os.path.basename(u) for u in new.shard_urls("train"))
+    on_disk = sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert on_disk == sorted(os.path.basename(u) for u in new.shard_urls("train"))
 
 
 def test_norm_stats_match_direct_fbank(tmp_path):
     rng = np.random.default_rng(1)
-    waves = [tone(220 * (i + 1), 0.3 + 0.1 * i) + 0.01 * rng.standard_normal(int(SR * (0.3 + 0.1 * i))).astype(np.float32)
-             for i in range(4)]
+    noise = [0.01 * rng.standard_normal(int(SR * (0.3 + 0.1 * i))).astype(np.float32) for i in range(4)]
+    waves = [tone(220 * (i + 1), 0.3 + 0.1 * i) + noise[i] for i in range(4)]
     feats = []
     for w in waves:
         t = torch.from_numpy(w).reshape(1, -1)
@@ -195,12 +197,12 @@ def test_norm_stats_match_direct_fbank(tmp_path):
         NormStats(SR).result()
 
 
-def test_compute_stats_streams_prepared_dataset(tmp_path, write_tones):
+def test_recompute_stats_streams_prepared_dataset(tmp_path, write_tones):
     root = str(tmp_path)
     m = write_tones(root, {"train": [(f"k{i}", [CLASSES[i % 3]], 0.4) for i in range(5)]}, classes=CLASSES, max_count=2)
-    streamed = compute_stats(root)
+    streamed = recompute_stats(root, quiet=True).norm
     # The writer's stats are taken on the 16-bit audio readers decode, so they agree exactly.
     assert streamed.mean == pytest.approx(m.norm.mean, rel=1e-6)
     assert streamed.std == pytest.approx(m.norm.std, rel=1e-6)
-    first_two = compute_stats(root, max_clips=2, save=True)
+    first_two = recompute_stats(root, max_clips=2, write=True, quiet=True).norm
     assert Manifest.load(root).norm == first_two

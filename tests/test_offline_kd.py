@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmkd import components, config
 import cmkd.distill.strategies  # noqa: F401 - registers the strategies
+from cmkd import components, config
 from cmkd.cli import app
 from cmkd.data.stream import webdataset
 from cmkd.distill.losses import BCE, CE
@@ -83,7 +83,8 @@ def test_offline_kd_errors_name_the_key_and_the_file(stored: str) -> None:
         strat(None, torch.tensor(S), torch.tensor(Y))
     with pytest.raises(ValueError, match=r"train.mixup = 0.5.*un-mixed clips"):
         _offline(stored, teacher="cnn-teacher", mixup=0.5)
-    with pytest.raises(OfflineLogitsError, match=r"no teacher logits at .*teacher_logits/absent/train\.npy.*cmkd teacher-logits"):
+    with pytest.raises(OfflineLogitsError,
+                       match=r"no teacher logits at .*teacher_logits/absent/train\.npy.*cmkd teacher-logits"):
         _offline(stored, teacher="absent")
     ds = SimpleNamespace(root=stored, classes=["x", "y", "z"], train_splits=["train"])
     with pytest.raises(OfflineLogitsError, match="classes"):

@@ -152,11 +152,12 @@ def test_cmkd_step_matches_the_plain_fp32_reference_step(direction, one_thread):
     ref_data = _reference.ReferenceClips(clips, TINY["n_mels"], TINY["frames"], 0, 0, mixup=0.0, augment=False)
     ref_batches = iter([{"fbank": torch.stack([ref_data[2 * i]["fbank"], ref_data[2 * i + 1]["fbank"]]),
                          "target": b["target"]} for i, b in enumerate(batches)])
-    ref = _reference.reference_step(ref_student, ref_teacher, _reference.reference_optimizer(ref_student.parameters(), 1e-3),
-                                    ref_batches, device)
+    ref_opt = _reference.reference_optimizer(ref_student.parameters(), 1e-3)
+    ref = _reference.reference_step(ref_student, ref_teacher, ref_opt, ref_batches, device)
     student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
     opt = build_optimizer(student.parameters(), device, name="adam", lr=1e-3, weight_decay=5e-7, betas=(0.95, 0.999))
-    featurizer = Fbank(n_mels=TINY["n_mels"], target_frames=TINY["frames"], mean=_reference.NORM[0], std=_reference.NORM[1])
+    featurizer = Fbank(n_mels=TINY["n_mels"], target_frames=TINY["frames"],
+                       mean=_reference.NORM[0], std=_reference.NORM[1])
     holder = {"it": iter(batches)}
     ours = step_bench.cmkd_step(student, _kd(teacher), opt, featurizer, None, None, holder, device)
     for _ in range(3):  # the later steps compare the updated weights too
@@ -198,7 +199,8 @@ class _TinyConv(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs one")
+@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs "
+                                                     "one")
 def test_compiled_model_trains_like_eager():
     from cmkd.models.classifier import Classifier
     from cmkd.models.heads import LinearHead
@@ -248,7 +250,8 @@ def test_step_benchmark_runs_every_variant(monkeypatch):
     assert rows[("ast_to_cnn", "cmkd")]["gflop_per_clip"] == pytest.approx(
         rows[("ast_to_cnn", "reference")]["gflop_per_clip"], rel=1e-6)
     for r in rows.values():
-        assert r["clips_per_s"] > 0 and r["peak_mb"] > 0 and r["gflop_per_clip"] > 0 and 0 <= r["data_wait_fraction"] <= 1
+        assert r["clips_per_s"] > 0 and r["peak_mb"] > 0 and r["gflop_per_clip"] > 0
+        assert 0 <= r["data_wait_fraction"] <= 1
     for d, p in res["parity"].items():
         assert p["rel_diff"] < 1e-4, (d, p)
 
@@ -282,7 +285,8 @@ train.epochs = 2
 
 @pytest.mark.slow  # 2 shared cores (load ~6): compiled run 122 s with a cold inductor cache, 43 s warm; eager 15 s
 @pytest.mark.timeout(700)
-@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs one")
+@pytest.mark.skipif(not _have_cpu_compiler(), reason="no C++ compiler: torch.compile's CPU backend (inductor) needs "
+                                                     "one")
 def test_train_compile_true_trains_through_the_loop_like_eager(tmp_path):
     """`cmkd run` with train.compile = True on CPU: the real loop (featurizer, compiled student,
     optimizer, evaluation, checkpoints) trains a tiny AST for one epoch, writes checkpoints with

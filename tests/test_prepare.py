@@ -138,8 +138,9 @@ def test_crop_none_keeps_full_length_and_pad_fills_short_clips(tmp_path: Path) -
     prepare("folder", src, str(tmp_path / "full"), PrepareOptions(workers=0, clip_seconds=1.0, crop="none"), quiet=True)
     prepare("folder", src, str(tmp_path / "pad"), PrepareOptions(workers=0, clip_seconds=1.0, pad=True), quiet=True)
     full, pad = all_members(tmp_path / "full", "train"), all_members(tmp_path / "pad", "train")
-    assert sf.info(io.BytesIO(full["long.flac"])).frames == 24000 and sf.info(io.BytesIO(full["short.flac"])).frames == 4000
-    assert sf.info(io.BytesIO(pad["long.flac"])).frames == 16000 and sf.info(io.BytesIO(pad["short.flac"])).frames == 16000
+    frames = lambda members, name: sf.info(io.BytesIO(members[name])).frames  # noqa: E731
+    assert frames(full, "long.flac") == 24000 and frames(full, "short.flac") == 4000
+    assert frames(pad, "long.flac") == 16000 and frames(pad, "short.flac") == 16000
 
 
 def test_esc50_inconsistent_metadata_names_the_row(tmp_path: Path) -> None:
@@ -152,10 +153,12 @@ def test_esc50_inconsistent_metadata_names_the_row(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing written before the metadata is checked
 
 
-def test_existing_dataset_needs_overwrite_and_bad_options_are_named(tmp_path: Path, esc50: tuple[Path, Path, Any]) -> None:
+def test_existing_dataset_needs_overwrite_and_bad_options_are_named(tmp_path: Path,
+                                                                    esc50: tuple[Path, Path, Any]) -> None:
     src, dest, _ = esc50
     result = cli("prepare", "esc50", str(src), str(dest), "--workers", "0")
-    assert result.exit_code == 2 and "already holds a prepared dataset" in result.output and "--overwrite" in result.output
+    assert result.exit_code == 2
+    assert "already holds a prepared dataset" in result.output and "--overwrite" in result.output
     assert Manifest.load(str(dest)).splits["fold1"].samples == 3  # untouched
     result = cli("prepare", "esc50", str(src), str(tmp_path / "x"), "--multilabel")
     assert result.exit_code == 2 and "does not take --multilabel" in result.output and "--esc10" in result.output
@@ -280,7 +283,8 @@ def test_folder_with_split_column_multilabel_and_class_file(tmp_path: Path) -> N
     assert {s: v.samples for s, v in m.splits.items()} == {"train": 3, "valid": 1} and m.norm is not None
     assert json.loads(all_members(tmp_path / "out", "train")["a/2.json"])["labels"] == ["cat", "bird"]
     (src / "labels.csv").write_text("file,labels,split\n" + "\n".join(rows[:3] + ["b/4.wav,dgo,train"]) + "\n")
-    result = cli("prepare", "folder", str(src), str(tmp_path / "out2"), "--multilabel", "--classes", str(tmp_path / "classes.txt"))
+    result = cli("prepare", "folder", str(src), str(tmp_path / "out2"), "--multilabel",
+                 "--classes", str(tmp_path / "classes.txt"))
     assert result.exit_code == 2 and "labels.csv line 5 (file b/4.wav)" in result.output and "'dgo'" in result.output
 
 
@@ -289,11 +293,12 @@ def test_folder_without_split_column_is_deterministic_and_single_label(tmp_path:
     src = make_folder(tmp_path / "src", rows, "file,labels")
     opts = PrepareOptions(workers=0)
     first = prepare("folder", src, str(tmp_path / "a"), opts, quiet=True, eval_fraction=0.2)
-    again = prepare("folder", src, str(tmp_path / "b"), opts, quiet=True, eval_fraction=0.2)
+    prepare("folder", src, str(tmp_path / "b"), opts, quiet=True, eval_fraction=0.2)
     assert {s: r.written for s, r in first.splits.items()} == {"train": 8, "eval": 2}
     keys = lambda root: sorted(k for k in all_members(root, "eval") if k.endswith(".json"))  # noqa: E731
     assert keys(tmp_path / "a") == keys(tmp_path / "b")
-    assert {json.loads(v)["labels"][0] for k, v in all_members(tmp_path / "a", "eval").items() if k.endswith(".json")} == {"dog", "cat"}
+    eval_members = all_members(tmp_path / "a", "eval").items()
+    assert {json.loads(v)["labels"][0] for k, v in eval_members if k.endswith(".json")} == {"dog", "cat"}
     assert first.manifest.classes == ["cat", "dog"] and not first.manifest.multilabel
     (src / "labels.csv").write_text("file,labels\ndog_0.wav,dog;cat\n")
     with pytest.raises(RecipeError, match=r"labels.csv line 2 \(file dog_0.wav\): 2 labels.*--multilabel"):
@@ -333,8 +338,8 @@ def test_prepare_into_s3_then_stream_it_back(tmp_path: Path, s3_endpoint: str, e
     assert result.exit_code == 0, result.output
     assert "wrote s3://cmkd-prepare/esc50/dataset.json" in result.output
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.output  # credentials come from the environment, unprinted
-    from cmkd.registry import datasets
     import cmkd.data.stream  # noqa: F401 - registers datasets.webdataset
+    from cmkd.registry import datasets
 
     ds = datasets.get("webdataset")(root="s3://cmkd-prepare/esc50", train_split=["fold1", "fold2", "fold3", "fold4"],
                                     eval_split="fold5", num_workers=0)
@@ -372,7 +377,8 @@ def test_data_gin_recipes_parse(recipe: str, frames: int, train: Any, eval_split
         ev = gin.query_parameter("datasets.webdataset.eval_split")
         assert (gin.query_parameter("%EVAL_FOLD") if recipe == "esc50" else ev) == eval_split
         if recipe == "esc50":
-            assert (gin.query_parameter("train.freqm"), gin.query_parameter("train.timem"), gin.query_parameter("train.mixup")) == (24, 96, 0.0)
+            augment = [gin.query_parameter(f"train.{p}") for p in ("freqm", "timem", "mixup")]
+            assert augment == [24, 96, 0.0]
     finally:
         gin.clear_config()
 
@@ -387,7 +393,8 @@ def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path
     gin.clear_config()
     try:
         config.parse([REPO / "gin" / "cnn_to_ast.gin", REPO / "gin" / "data" / "esc50.gin"],
-                     [f"DATA_ROOT = '{esc50[1]}'", "TRAIN_FOLDS = ['fold2', 'fold3', 'fold4', 'fold5']", "EVAL_FOLD = 'fold1'"])
+                     [f"DATA_ROOT = '{esc50[1]}'", "TRAIN_FOLDS = ['fold2', 'fold3', 'fold4', 'fold5']",
+                      "EVAL_FOLD = 'fold1'"])
         ds = datasets.get("webdataset")()
     finally:
         gin.clear_config()
@@ -396,9 +403,10 @@ def test_esc50_gin_builds_the_dataset_with_four_training_folds(esc50: tuple[Path
 
 
 def test_webdataset_reads_a_list_of_training_splits(tmp_path: Path) -> None:
+    from tones import write_tone_dataset
+
     import cmkd.data.stream  # noqa: F401
     from cmkd.registry import datasets
-    from tones import write_tone_dataset
 
     root = str(tmp_path / "tones")
     write_tone_dataset(root, {"a": [("a0", ["x"], 0.3), ("a1", ["y", "x"], 0.3)], "b": [("b0", ["y"], 0.3)],

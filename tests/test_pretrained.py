@@ -264,4 +264,5 @@ def test_weights_file_stands_in_for_pretrained_offline(offline, deit_file, tmp_p
     b0 = timm.create_model("efficientnet_b0", pretrained=False)
     torch.save(b0.state_dict(), tmp_path / "b0.pth")
     cnn = backbones.get("efficientnet")(name="efficientnet_b0", pretrained=True, weights=str(tmp_path / "b0.pth"))
-    assert torch.equal(cnn.state_dict()["model.conv_stem.weight"], b0.state_dict()["conv_stem.weight"].sum(1, keepdim=True))
+    summed_rgb = b0.state_dict()["conv_stem.weight"].sum(1, keepdim=True)
+    assert torch.equal(cnn.state_dict()["model.conv_stem.weight"], summed_rgb)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from pretrained_files import hf_folder  # noqa: E402
 
 from cmkd.cli import app  # noqa: E402
-from cmkd.data.synthetic import CLASSES  # noqa: E402
+from cmkd.data.synthetic.sounds import CLASSES  # noqa: E402
 from cmkd.train import checkpoint  # noqa: E402
 
 GIN = Path(__file__).resolve().parents[1] / "gin"

@@ -19,8 +19,8 @@ import torch
 
 from cmkd import components, config
 from cmkd.bindings import macros
-from cmkd.registry import REGISTRIES
 from cmkd.experiment import run_experiment
+from cmkd.registry import REGISTRIES
 from cmkd.train import checkpoint
 from cmkd.train.averaging import average_state_dicts
 from cmkd.train.checkpoint import CheckpointError
@@ -209,7 +209,7 @@ SPY = textwrap.dedent('''
 ''')
 
 TINY = [
-    "import kd_spy", "student/train.strategy = @strategies.spy_kd",
+    "import kd_spy", "student/train.strategy = @strategies.spy_kd", "experiment.stages = ['teacher', 'student']",
     "datasets.synthetic.train_samples = 32", "datasets.synthetic.eval_samples = 16",
     "datasets.synthetic.clip_seconds = 0.5", "datasets.synthetic.num_workers = 0", "datasets.synthetic.shard_size = 8",
     "featurizers.fbank.target_frames = 50", "featurizers.fbank.n_mels = 32",
@@ -226,8 +226,8 @@ def test_tiny_kd_run_with_averaged_teacher_under_ddp(tmp_path: Path, monkeypatch
     spy_out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "KD_SPY_OUT": str(spy_out), "CMKD_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    cmd = [str(Path(sys.executable).with_name("cmkd")), "run", str(GIN / "demo.gin"), "--run-dir", str(tmp_path / "runs"),
-           "--device", "cpu", "--nproc-per-node", "2"]
+    cmd = [str(Path(sys.executable).with_name("cmkd")), "run", str(GIN / "demo.gin"),
+           "--run-dir", str(tmp_path / "runs"), "--device", "cpu", "--nproc-per-node", "2"]
     for b in TINY:
         cmd += ["-b", b]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -240,7 +240,8 @@ def test_tiny_kd_run_with_averaged_teacher_under_ddp(tmp_path: Path, monkeypatch
     assert summary["averaged"]["epochs"] == [2, 3] and "eval_accuracy" in summary["averaged"]
     assert sorted(p.name for p in (ckpts / "epochs").iterdir()) == ["epoch-002.pt", "epoch-003.pt"]
     averaged = checkpoint.load(str(ckpts / "averaged.pt"))
-    expected = average_state_dicts([checkpoint.load(str(ckpts / "epochs" / f"epoch-00{e}.pt"))["model"] for e in (2, 3)])
+    epochs = [checkpoint.load(str(ckpts / "epochs" / f"epoch-00{e}.pt"))["model"] for e in (2, 3)]
+    expected = average_state_dicts(epochs)
     for key, value in averaged["model"].items():
         assert torch.allclose(value.double(), expected[key].double(), atol=1e-6), key
     assert averaged["averaged_epochs"] == [2, 3] and averaged["metrics"]["epochs"] == [2, 3]

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 from test_infer import cli, tiny, wide_consoles  # noqa: F401 - the session's trained run, shared
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
 from tones import SR, tone
 
@@ -89,7 +88,8 @@ strategies.logit_kd.teacher = 'teacher'
 
     # A rerun reuses both finished stages from the bucket and rewrites nothing in them.
     def stage_objects() -> dict[str, str]:
-        return {p: fs.info(p)["ETag"] for stage in ("teacher", "student") for p in fs.find(f"{bucket}/runs/s3kd/{stage}")}
+        return {p: fs.info(p)["ETag"]
+                for stage in ("teacher", "student") for p in fs.find(f"{bucket}/runs/s3kd/{stage}")}
 
     before = stage_objects()
     second = run_cmkd(cmd, env=env, cwd=work, timeout=240).check()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gin
 import pytest
 
-import gin
 from cmkd import config, plugins
 from cmkd.experiment import run_experiment
 from cmkd.train import hooks

@@ -17,13 +17,13 @@ import pytest
 import soundfile as sf
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from tones import SR, tone, write_tone_dataset
 
 import cmkd.data.stream  # noqa: F401 - registers datasets.webdataset
 from cmkd.data.manifest import Manifest, Split
 from cmkd.data.sampling import BalancedRejection
-from cmkd.data.stream import SampleError, ShardError, iter_shard, iter_samples
+from cmkd.data.stream import SampleError, ShardError, iter_samples, iter_shard
 from cmkd.registry import datasets
-from tones import SR, tone, write_tone_dataset
 
 CLASSES = ["low", "mid", "high"]
 CLIP = SR // 2

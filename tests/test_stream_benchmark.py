@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 from tones import SR, tone, write_tone_dataset
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "stream.py"
@@ -83,7 +82,8 @@ def test_the_child_process_reports_its_epoch(bench, tones):
 def _run(per_step_main_mib: list[float], pss_mib: float = 500.0) -> dict:
     kib = [int(v * 1024) for v in per_step_main_mib]
     return dict(clips=8 * len(kib), seconds=1.0, steps=len(kib), state_bytes=[100, 100],
-                per_step=[dict(main_rss=v, main_heap=v // 2, workers_rss=400 * 1024, pss=int(pss_mib * 1024)) for v in kib])
+                per_step=[dict(main_rss=v, main_heap=v // 2, workers_rss=400 * 1024, pss=int(pss_mib * 1024))
+                          for v in kib])
 
 
 def test_memory_verdict_says_what_was_measured(bench):

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tones import write_tone_dataset
 
 import cmkd.data.stream  # noqa: F401 - registers datasets.webdataset
 from cmkd.data.cursor import StreamCursor
 from cmkd.registry import datasets
-from tones import write_tone_dataset
 
 CLASSES = ["low", "mid", "high"]
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from cmkd.data.synthetic import CLASSES, class_of, iter_clips, make_clip, render_event
+from cmkd.data.synthetic.sounds import CLASSES, class_of, iter_clips, make_clip, render_event
 
 SR = 16000
 BRIEF = ("tone", "chirp_up", "chirp_down", "noise_burst", "click_train",
@@ -97,8 +97,8 @@ def test_single_label_classes_are_balanced(num_classes: int) -> None:
     blocks = 6
     labels = [make_clip(i, seed=5, split="train", num_classes=num_classes)[1]
               for i in range(blocks * num_classes)]
-    assert all(len(l) == 1 for l in labels)
-    names = [l[0] for l in labels]
+    assert all(len(lab) == 1 for lab in labels)
+    names = [lab[0] for lab in labels]
     assert Counter(names) == {c: blocks for c in CLASSES[:num_classes]}
     orders = {tuple(names[b * num_classes : (b + 1) * num_classes]) for b in range(blocks)}
     assert len(orders) > 1  # shuffled per block, so the label is not a function of index % N
@@ -130,7 +130,7 @@ def _shape_descriptor(wave: np.ndarray) -> np.ndarray:
 def _corpus(per_class: int = 36) -> tuple[np.ndarray, np.ndarray]:
     n = per_class * len(CLASSES)
     clips = [make_clip(i, seed=9, split="probe", num_classes=len(CLASSES)) for i in range(n)]
-    return np.stack([w for w, _ in clips]), np.array([CLASSES.index(l[0]) for _, l in clips])
+    return np.stack([w for w, _ in clips]), np.array([CLASSES.index(lab[0]) for _, lab in clips])
 
 
 def _nearest_centroid_accuracy(features: np.ndarray, y: np.ndarray) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,7 +78,7 @@ def test_80_columns_cut_no_name(tracked) -> None:
     _, result = tracked
     assert "…" not in result.stdout + result.stderr
     table = result.stdout[result.stdout.index("stages on the eval split"):]
-    for word in ("EfficientNetBackbone", "NoDistillation", "LogitKD", "accuracy", "teacher", "student"):
+    for word in ("EfficientNet", "AST", "accuracy", "teacher", "student (KD)"):
         assert word in table, table
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 

@@ -15,7 +15,6 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
 from wds_shards import CLASSES, LAYOUTS, SR, classes_file, tone, write_tar, write_wds
 
@@ -169,6 +168,7 @@ def test_adopt_shards_in_a_bucket_by_brace_pattern(tmp_path: Path, s3_endpoint: 
     run_cmkd(["prepare", "webdataset", "s3://cmkd-adopt/set/train-{000000..000001}.tar", "s3://cmkd-adopt/set",
               "--classes", classes_file(tmp_path), "--norm-clips", "4"], env=cmkd_env(tmp_path), timeout=120).check()
     ds = ShardDataset("s3://cmkd-adopt/set", num_workers=0, eval_split=None)
-    assert ds.manifest.base is None and ds.train_samples == 12 and ds.manifest.fields == {"audio": "flac", "label": "cls"}
+    assert ds.manifest.base is None and ds.train_samples == 12
+    assert ds.manifest.fields == {"audio": "flac", "label": "cls"}
     batch = next(iter(ds.eval_loader(12, split="train")))
     assert batch["target"].argmax(1).tolist() == [i % 3 for i in range(12)]

@@ -44,7 +44,8 @@ LAYOUTS: dict[str, tuple[Callable[[int], dict[str, Any]], list[str]]] = {
     # layout: (sample maker, extra `cmkd prepare webdataset` options)
     "flac_cls": (flac_cls, []),
     "wav_json": (wav_json, ["--label-key", "tags"]),
-    "multi_dot": (multi_dot, ["--audio-field", "audio.flac", "--label-field", "meta.json", "--label-key", "label.names"]),
+    "multi_dot": (multi_dot, ["--audio-field", "audio.flac", "--label-field", "meta.json",
+                              "--label-key", "label.names"]),
 }
 
 

@@ -45,7 +45,8 @@ class SpecAugment:
         return x.masked_fill(mask, 0.0)
 
     @staticmethod
-    def _band(batch: int, size: int, param: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    def _band(batch: int, size: int, param: int, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
         """Boolean ``[B, size]``: True inside each sample's mask."""
         u = _rand((2, batch), generator, device)
         width = (u[0] * param).clamp(max=size)

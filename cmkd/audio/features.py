@@ -128,7 +128,8 @@ def _resolve_norm(
         source, (m, s) = "explicit", (mean, std)
     elif dataset_norm is not None:
         if len(dataset_norm) != 2:
-            raise ValueError(f"{where}: dataset_norm must be (mean, std), got {dataset_norm!r}; check dataset.json 'norm'")
+            raise ValueError(f"{where}: dataset_norm must be (mean, std), got {dataset_norm!r}; "
+                             "check dataset.json 'norm'")
         source, (m, s) = "dataset", dataset_norm
     else:
         return None, None, None

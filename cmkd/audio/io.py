@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
 from cmkd.errors import CmkdError
 
 CROP_MODES = ("start", "random", "center")
@@ -223,7 +224,8 @@ class AudioReader:
             data = self._frames(start, stop)
             first = offset - start // o * n
         if not np.isfinite(data).all():
-            raise AudioError(f"{self.name}: audio contains NaN or Inf samples; re-export the clip or drop it from the dataset")
+            raise AudioError(f"{self.name}: audio contains NaN or Inf samples; "
+                             "re-export the clip or drop it from the dataset")
         wave = resample(to_mono(torch.from_numpy(np.ascontiguousarray(data.T))), sr, sample_rate)
         return wave[first : first + length].contiguous().to(torch.float32)
 

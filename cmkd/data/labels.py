@@ -40,7 +40,8 @@ class LabelSpec:
 
     def __post_init__(self) -> None:
         if self.field is not None and (not self.field or last_ext(self.field) not in LABEL_KINDS):
-            raise ValueError(f"label field {self.field!r}: it must end in .json, .cls or .txt (e.g. 'cls', 'meta.json')")
+            raise ValueError(f"label field {self.field!r}: "
+                             "it must end in .json, .cls or .txt (e.g. 'cls', 'meta.json')")
         if not self.key or any(not part for part in self.key.split(".")):
             raise ValueError(f"label key path {self.key!r}: use names joined by dots, e.g. 'labels' or 'label.names'")
 

@@ -13,11 +13,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import fsspec
-
+from cmkd import storage
 from cmkd.data.members import FORMAT_VERSION, FORMAT_VERSIONS
-from cmkd.data.shardlist import DEFAULT_MAX_SHARDS  # noqa: F401 (re-exported)
-from cmkd.data.shardlist import PatternError, ShardUrls, check_pattern, parse
+from cmkd.data.shardlist import (
+    DEFAULT_MAX_SHARDS,  # noqa: F401 (re-exported)
+    PatternError,
+    ShardUrls,
+    check_pattern,
+    parse,
+)
 from cmkd.errors import CmkdError
 
 MANIFEST_NAME = "dataset.json"
@@ -121,7 +125,8 @@ class Manifest:
             raise bad("multilabel", f"must be true or false, got {self.multilabel!r}")
         if not isinstance(self.sample_rate, int) or isinstance(self.sample_rate, bool) or self.sample_rate <= 0:
             raise bad("sample_rate", f"must be a positive integer, got {self.sample_rate!r}")
-        if not isinstance(self.clip_seconds, (int, float)) or not math.isfinite(self.clip_seconds) or self.clip_seconds <= 0:
+        seconds = self.clip_seconds
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
             raise bad("clip_seconds", f"must be a positive number, got {self.clip_seconds!r}")
         if not isinstance(self.splits, dict) or not self.splits:
             raise bad("splits", "must map at least one split name to {shards, samples}")
@@ -129,7 +134,8 @@ class Manifest:
             if not isinstance(split, Split):
                 raise bad(f"splits.{name}", "must be an object {shards, samples}")
             if not isinstance(split.shards, str) or not split.shards:
-                raise bad(f"splits.{name}.shards", "must be a non-empty brace pattern like 'train-{000000..000003}.tar'")
+                raise bad(f"splits.{name}.shards", "must be a non-empty brace pattern like "
+                                                   "'train-{000000..000003}.tar'")
             try:
                 check_pattern(split.shards)  # counted, not expanded; names must stay under the root
             except ValueError as err:
@@ -139,13 +145,16 @@ class Manifest:
             if split.max_labels is not None and (not isinstance(split.max_labels, int) or split.max_labels < 0):
                 raise bad(f"splits.{name}.max_labels", f"must be a non-negative integer, got {split.max_labels!r}")
         if self.norm is not None:
-            if not isinstance(self.norm, Norm) or not all(isinstance(v, (int, float)) for v in (self.norm.mean, self.norm.std)):
+            numbers = all(isinstance(v, (int, float)) for v in (getattr(self.norm, "mean", None),
+                                                                getattr(self.norm, "std", None)))
+            if not isinstance(self.norm, Norm) or not numbers:
                 raise bad("norm", "must be {mean: number, std: number}")
             if not math.isfinite(self.norm.mean) or not math.isfinite(self.norm.std) or self.norm.std <= 0:
                 raise bad("norm", f"needs a finite mean and a positive std, got {self.norm}")
         if self.format_version not in FORMAT_VERSIONS:
             raise bad("format_version", f"is {self.format_version!r}; this cmkd reads {FORMAT_VERSIONS} (upgrade cmkd)")
-        if self.fields is not None and (not isinstance(self.fields, dict) or set(self.fields) - {"audio", "label", "label_key"}
+        if self.fields is not None and (not isinstance(self.fields, dict)
+                                        or set(self.fields) - {"audio", "label", "label_key"}
                                         or not all(isinstance(v, str) and v for v in self.fields.values())):
             raise bad("fields", f"must map audio/label/label_key to field names, got {self.fields!r}")
         if self.base is not None and (not isinstance(self.base, str) or not self.base):
@@ -191,11 +200,13 @@ class Manifest:
         splits: dict[str, Split] = {}
         for name, raw in splits_raw.items():
             if not isinstance(raw, dict) or "shards" not in raw or "samples" not in raw:
-                raise ManifestError(f"{where}: field 'splits.{name}' must be {{shards, samples}}; re-run `cmkd prepare`")
+                raise ManifestError(f"{where}: field 'splits.{name}' must be {{shards, samples}}; "
+                                    "re-run `cmkd prepare`")
             splits[name] = Split(raw["shards"], raw["samples"], raw.get("max_labels"))
         norm_raw = data.get("norm")
         if norm_raw is not None and (not isinstance(norm_raw, dict) or {"mean", "std"} - set(norm_raw)):
-            raise ManifestError(f"{where}: field 'norm' must be {{mean, std}} or null; run `cmkd stats` to recompute it")
+            raise ManifestError(f"{where}: field 'norm' must be {{mean, std}} or null; "
+                                "run `cmkd stats` to recompute it")
         try:
             norm = Norm(float(norm_raw["mean"]), float(norm_raw["std"])) if norm_raw is not None else None
         except (TypeError, ValueError):
@@ -217,7 +228,7 @@ class Manifest:
         root = normalize_root(root_url)
         url = join_url(root, MANIFEST_NAME)
         try:
-            with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+            with storage.open_file(url, "rt", storage_options, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
             bucket = _missing_bucket(root, storage_options)
@@ -253,7 +264,7 @@ def _missing_bucket(root: str, storage_options: dict[str, Any] | None) -> str | 
     if "://" not in root or root.startswith("file://"):
         return None
     try:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        fs, path = storage.url_to_fs(root, storage_options)
         bucket = path.split("/", 1)[0]
         return None if fs.exists(bucket) else bucket
     except Exception:  # noqa: BLE001 - only a better message is at stake; keep the plain one
@@ -275,11 +286,9 @@ def join_url(root: str, name: str) -> str:
 
 def write_bytes_atomic(url: str, payload: bytes, *, storage_options: dict[str, Any] | None = None) -> None:
     """Local: temp file + rename so readers never see half a file. Object stores: one put is atomic."""
-    from cmkd import storage
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if _is_local(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
+    fs, path = storage.url_to_fs(url, storage_options)
+    if storage.is_local_fs(fs):
+        tmp = f"{path}.tmp-{os.getpid()}"  # named by PID: a killed writer's leftovers are found (replace.py)
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(tmp, "wb") as f:
@@ -293,16 +302,10 @@ def write_bytes_atomic(url: str, payload: bytes, *, storage_options: dict[str, A
             raise storage.failure(url, "write", err) from err
     else:
         def put() -> None:
-            with fsspec.open(url, "wb", **(storage_options or {})) as f:
+            with storage.open_file(url, "wb", storage_options) as f:
                 f.write(payload)
 
         storage.retrying(url, "write", put)  # retried like shard reads
-
-
-def _is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
 
 
 def brace_expand(pattern: str, limit: int = 1_000_000) -> list[str]:

@@ -14,10 +14,8 @@ import re
 import warnings
 from typing import Any
 
-import fsspec
-
 from cmkd import storage
-from cmkd.data.manifest import MANIFEST_NAME, Manifest, ManifestError, _is_local, brace_expand, join_url
+from cmkd.data.manifest import MANIFEST_NAME, Manifest, ManifestError, brace_expand, join_url
 
 _TEMP = re.compile(r"\.tmp-(\d+)$")
 _MAX_OLD_NAMES = 1_000_000  # a manifest cmkd wrote lists far fewer; a stranger one is left alone
@@ -36,8 +34,8 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temps(root: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Delete ``<root>/*.tmp-PID`` files whose writer process is gone (local folders only:
     object-store uploads are never visible half-done). Returns what was removed."""
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    if not _is_local(fs) or not os.path.isdir(path):
+    fs, path = storage.url_to_fs(root, storage_options)
+    if not storage.is_local_fs(fs) or not os.path.isdir(path):
         return []
     removed = []
     for name in os.listdir(path):
@@ -83,10 +81,10 @@ def retire(root: str, old: set[str], new: Manifest, storage_options: dict[str, A
     for split in new.splits.values():
         keep.update(brace_expand(split.shards))
     gone = sorted(old - keep - {MANIFEST_NAME})
-    fs, _ = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, _ = storage.url_to_fs(root, storage_options)
     removed = []
     for name in gone:
-        _, path = fsspec.core.url_to_fs(join_url(root, name), **(storage_options or {}))
+        _, path = storage.url_to_fs(join_url(root, name), storage_options)
         try:
             if fs.exists(path):
                 fs.rm(path)

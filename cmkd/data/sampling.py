@@ -7,62 +7,15 @@ training stream is a pure function of ``(seed, epoch, rank, worker)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-
-T = TypeVar("T")
 
 
 def worker_rng(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
     """Independent stream per (seed, epoch, rank, worker); SeedSequence mixes the entropy well."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(worker)]))
-
-
-def resampled(
-    urls: Sequence[str],
-    read: Callable[[str], Iterable[T]],
-    rng: np.random.Generator,
-    *,
-    what: str = "shards",
-) -> Iterator[T]:
-    """Draw shards with replacement forever (like webdataset's ResampledShards) and chain their items.
-
-    Raises when a long run of draws yields nothing, instead of spinning forever on empty shards.
-    """
-    if not urls:
-        raise ValueError(f"resampled: no {what} to draw from; check the split's shard pattern in dataset.json")
-    empty = 0
-    while True:
-        url = urls[int(rng.integers(len(urls)))]
-        n = 0
-        for item in read(url):
-            n += 1
-            yield item
-        empty = 0 if n else empty + 1
-        if empty > 4 * len(urls) + 16:
-            raise RuntimeError(
-                f"{empty} shards drawn in a row held no samples (e.g. {url}); the split looks empty — "
-                f"re-run `cmkd prepare` or pick another split"
-            )
-
-
-def shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
-    """Shuffle through a buffer of ``size`` items (filled first, then one out per one in, drained at the end)."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(size))
-        out, buf[j] = buf[j], item
-        yield out
-    rng.shuffle(buf)  # type: ignore[arg-type]
-    yield from buf
 
 
 class BalancedRejection:
@@ -86,7 +39,8 @@ class BalancedRejection:
     def __init__(self, label_counts: Sequence[int], max_labels: int | None = None):
         counts = np.asarray(label_counts, dtype=np.float64)
         if counts.ndim != 1 or counts.size == 0 or (counts < 0).any():
-            raise ValueError(f"BalancedRejection: label_counts must be non-negative per-class counts, got {label_counts!r}")
+            raise ValueError("BalancedRejection: label_counts must be non-negative per-class counts, "
+                             f"got {label_counts!r}")
         if not (counts > 0).any():
             raise ValueError("BalancedRejection: every class count is 0; the training split has no labels to balance")
         # A class never seen in training cannot occur in a training clip; weight 0 keeps the bound tight.
@@ -186,7 +140,8 @@ class EvalStream(torch.utils.data.IterableDataset):
     g, g+c_j, ... — every record exactly once, each shard read about S/N times.
     """
 
-    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int, world_size: int):
+    def __init__(self, urls: Sequence[str], read: ReadShard, decoder: Any, *, batch_size: int, rank: int,
+                 world_size: int):
         self.urls, self.read, self.decoder = urls, read, decoder
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
@@ -265,4 +220,5 @@ class Loader:
             n += 1
             yield batch
         if self.length is not None and n != self.length:
-            raise RuntimeError(f"{self.what}: produced {n} batches instead of {self.length}; this is a bug in cmkd.data")
+            raise RuntimeError(f"{self.what}: produced {n} batches instead of {self.length}; "
+                               "this is a bug in cmkd.data")

@@ -9,16 +9,16 @@ on how much padding a clip needs.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torchaudio
 
-from cmkd.data.manifest import Manifest, Norm
+from cmkd.data.manifest import Norm
 
-# The paper's front end (REFERENCE.md, "Front end"); everything else at torchaudio's defaults.
+# The paper's front end (ast src/dataloader.py; docs/reference.md, "Front end");
+# everything else at torchaudio's defaults.
 FBANK_KWARGS: dict[str, Any] = dict(
     htk_compat=True,
     use_energy=False,
@@ -84,50 +84,3 @@ class NormStats:
             )
         std = math.sqrt(self.m2 / (self.count - 1))
         return Norm(mean=float(self.mean), std=float(std))
-
-
-def stats_from_waves(waves: Iterable[torch.Tensor | np.ndarray], sample_rate: int) -> Norm:
-    acc = NormStats(sample_rate)
-    for w in waves:
-        acc.add(w)
-    return acc.result()
-
-
-def compute_stats(
-    root_url: str,
-    split: str = "train",
-    max_clips: int | None = None,
-    *,
-    save: bool = False,
-    retries: int = 5,
-    storage_options: dict[str, Any] | None = None,
-) -> Norm:
-    """Stream ``split`` of a prepared dataset and return its fbank Norm (for ``cmkd stats URL``).
-
-    ``max_clips`` stops early (the first clips in shard order). ``save=True`` writes the result
-    into ``dataset.json``.
-    """
-    from cmkd.data.stream import iter_samples  # stream imports the registry; keep stats light
-
-    manifest = Manifest.load(root_url, storage_options=storage_options)
-    acc = NormStats(manifest.sample_rate)
-    samples = iter_samples(
-        manifest.shard_urls(split),
-        sample_rate=manifest.sample_rate,
-        class_index=None,
-        retries=retries,
-        storage_options=storage_options,
-        format_version=manifest.format_version,
-        fields=manifest.fields,
-    )
-    for sample in samples:
-        if max_clips is not None and acc.clips + acc.too_short >= max_clips:
-            break
-        acc.add(sample["wave"])
-    if acc.too_short:
-        warnings.warn(f"{manifest.root}: {acc.too_short} clip(s) of split {split!r} are shorter than 25 ms and were ignored")
-    norm = acc.result()
-    if save:
-        manifest.norm = norm
-        manifest.save(manifest.root or root_url, storage_options=storage_options)
-    return norm

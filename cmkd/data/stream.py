@@ -22,42 +22,25 @@ import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import fsspec
 import torch
 
+from cmkd import storage
 from cmkd.audio.io import AudioError, load_audio
 from cmkd.data.labels import LabelProblem, LabelSpec, raw_labels, resolve_labels
 from cmkd.data.manifest import Manifest, ManifestError
 from cmkd.data.members import AUDIO_FIELDS, FORMAT_VERSION, find_audio_field, member_splitter, split_member
-from cmkd.data.shardlist import Chained
 from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
-from cmkd.registry import datasets
+from cmkd.data.shardlist import Chained
 from cmkd.errors import CmkdError
+from cmkd.registry import datasets
 
 AUDIO_EXTS = AUDIO_FIELDS  # kept for old imports; see cmkd/data/members.py
 ON_ERROR = ("raise", "skip")
 
-# Errors that a reopen can cure: network hiccups, timeouts, a stream cut short.
-_transient: list[type[BaseException]] = [OSError, TimeoutError, EOFError, tarfile.ReadError]
-try:
-    from fsspec.exceptions import FSTimeoutError
-
-    _transient.append(FSTimeoutError)
-except ImportError:  # pragma: no cover - old fsspec
-    pass
-try:
-    from botocore.exceptions import BotoCoreError
-
-    _transient.append(BotoCoreError)
-except ImportError:  # pragma: no cover - no s3 support installed
-    pass
-try:
-    from aiohttp import ClientError as _AiohttpClientError
-
-    _transient.append(_AiohttpClientError)
-except ImportError:  # pragma: no cover
-    pass
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = tuple(_transient)
+# Errors that a reopen can cure: network hiccups, timeouts (fsspec's, botocore's, aiohttp's), a
+# stream cut short.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, EOFError, tarfile.ReadError, *storage.transient_errors())
 # OSErrors that no retry will fix.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -114,7 +97,7 @@ def worker_error_message(err: BaseException) -> str:
 # -- shards → records -----------------------------------------------------------------------------
 def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     """Open a shard for streaming reads (any fsspec protocol)."""
-    return fsspec.open(url, "rb", **(storage_options or {})).open()
+    return storage.open_file(url, "rb", storage_options).open()
 
 
 def iter_tar_records(fileobj: Any, url: str = "<stream>",
@@ -309,7 +292,8 @@ class SampleDecoder:
                 return [str(v) for v in values], []
             return resolve_labels(values, self.classes, self.class_index, where, self.multilabel)
         except LabelProblem as err:
-            raise SampleError(f"{err}; re-write the shard" if err.kind == "incomplete" else str(err), err.kind) from None
+            message = f"{err}; re-write the shard" if err.kind == "incomplete" else str(err)
+            raise SampleError(message, err.kind) from None
 
     def decode(self, record: dict[str, Any], parsed: tuple[list[str], list[int]] | None = None,
                generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -389,8 +373,9 @@ EVAL_SPLIT_NAMES = ("eval", "val", "test")
 class ShardDataset:
     """A prepared dataset (``dataset.json`` + tar shards) as training and evaluation loaders."""
 
-    def __init__(self, root: str, *, train_split: str | Sequence[str] = "train", eval_split: str | None = None, num_workers: int = 2,
-                 shuffle_buffer: int = 256, balanced: bool = False, balanced_max_labels: int | None = None,
+    def __init__(self, root: str, *, train_split: str | Sequence[str] = "train", eval_split: str | None = None,
+                 num_workers: int = 2, shuffle_buffer: int = 256, balanced: bool = False,
+                 balanced_max_labels: int | None = None,
                  retries: int = 5, backoff: float = 0.5, on_error: str = "raise", prefetch_factor: int = 2,
                  storage_options: dict[str, Any] | None = None, max_shards: int | None = None,
                  max_member_mb: float = DEFAULT_MAX_MEMBER_BYTES / 2**20):
@@ -399,9 +384,11 @@ class ShardDataset:
         if num_workers < 0 or retries < 0:
             raise ValueError(f"webdataset: num_workers and retries must be >= 0, got {num_workers}, {retries}")
         if not max_member_mb > 0 or (max_shards is not None and max_shards < 1):
-            raise ValueError(f"webdataset: max_member_mb and max_shards must be positive, got {max_member_mb}, {max_shards}")
+            raise ValueError(f"webdataset: max_member_mb and max_shards must be positive, got {max_member_mb}, "
+                             f"{max_shards}")
         self.max_shards, self.max_member_bytes = max_shards, int(max_member_mb * 2**20)
-        self.storage_options = dict(storage_options or {})
+        # Resolved here, so storage.options reach the workers inside this object however they start.
+        self.storage_options = storage.options_for(str(root), storage_options)
         self.manifest = Manifest.load(root, storage_options=self.storage_options)
         self.root: str = self.manifest.root  # type: ignore[assignment]
         m = self.manifest
@@ -413,7 +400,8 @@ class ShardDataset:
         if eval_split is None:
             eval_split = next((s for s in EVAL_SPLIT_NAMES if s in m.splits), None)
         elif eval_split not in m.splits:
-            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; it has {sorted(m.splits)}. Set eval_split=")
+            raise ManifestError(f"{self.root}: no eval split {eval_split!r}; "
+                                f"it has {sorted(m.splits)}. Set eval_split=")
         if eval_split is not None and eval_split in self.train_splits:
             raise ManifestError(f"{self.root}: split {eval_split!r} is both a training and the eval split; "
                                 f"take it out of train_split or pick another eval_split")
@@ -499,8 +487,9 @@ class ShardDataset:
         if split is None:
             raise ManifestError(f"{self.root}: no eval split (looked for {EVAL_SPLIT_NAMES}); "
                                 f"it has {sorted(self.manifest.splits)}. Set eval_split=")
-        stream = EvalStream(self.manifest.shard_urls(split, max_shards=self.max_shards), self._reader(), self._decoder("start"),
-                            batch_size=batch_size, rank=rank, world_size=world_size)
+        urls = self.manifest.shard_urls(split, max_shards=self.max_shards)
+        stream = EvalStream(urls, self._reader(), self._decoder("start"), batch_size=batch_size, rank=rank,
+                            world_size=world_size)
         return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                       what=f"eval loader of {self.root} (rank {rank})")
 
@@ -509,7 +498,8 @@ def _split_list(train_split: str | Sequence[str], root: str, m: Manifest) -> lis
     """``"train"`` or ``["fold1", "fold2", ...]`` → a checked, non-empty list without repeats."""
     splits = [train_split] if isinstance(train_split, str) else list(train_split)
     if not splits or not all(isinstance(s, str) for s in splits):
-        raise ManifestError(f"{root}: train_split must be a split name or a non-empty list of names, got {train_split!r}")
+        raise ManifestError(f"{root}: train_split must be a split name or a non-empty list of names, "
+                            f"got {train_split!r}")
     if len(set(splits)) != len(splits):
         raise ManifestError(f"{root}: train_split {splits} names a split twice; list each split once")
     missing = [s for s in splits if s not in m.splits]

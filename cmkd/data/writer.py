@@ -17,23 +17,21 @@ import os
 import tarfile
 from typing import Any, BinaryIO
 
-import fsspec
 import numpy as np
 import soundfile as sf
 import torch
 
 from cmkd import storage
 from cmkd.audio.io import resample, to_mono
+from cmkd.data import replace
 from cmkd.data.manifest import (
     Manifest,
     Norm,
     Split,
-    _is_local,
     join_url,
     normalize_root,
     shard_pattern,
 )
-from cmkd.data import replace
 from cmkd.data.members import safe_key
 from cmkd.data.stats import NormStats
 from cmkd.errors import CmkdError
@@ -69,7 +67,8 @@ class ShardWriter:
         storage_options: dict[str, Any] | None = None,
     ):
         if max_count < 1 or max_bytes < 1:
-            raise ValueError(f"ShardWriter({split!r}): max_count and max_bytes must be positive, got {max_count}, {max_bytes}")
+            raise ValueError(f"ShardWriter({split!r}): max_count and max_bytes must be positive, got {max_count}, "
+                             f"{max_bytes}")
         self.root = normalize_root(root_url)
         self.split = split
         self.classes = list(classes)
@@ -104,7 +103,8 @@ class ShardWriter:
         self._check_key(key)
         label_ids = self._check_labels(key, labels)
         if "labels" in extra:
-            raise WriterError(f"split {self.split!r}, key {key!r}: 'labels' is reserved in extra metadata; pass it as labels=")
+            raise WriterError(f"split {self.split!r}, key {key!r}: 'labels' is reserved in extra metadata; "
+                              "pass it as labels=")
         mono = self._prepare_wave(key, wave, sample_rate)
         flac = _encode_flac(mono, self.sample_rate)
         meta = json.dumps({"labels": list(labels), **extra}, ensure_ascii=False).encode("utf-8")
@@ -162,25 +162,29 @@ class ShardWriter:
 
     def _check_labels(self, key: str, labels: list[str]) -> list[int]:
         if isinstance(labels, str) or not all(isinstance(lab, str) for lab in labels):
-            raise WriterError(f"split {self.split!r}, key {key!r}: labels must be a list of class names, got {labels!r}")
+            raise WriterError(f"split {self.split!r}, key {key!r}: "
+                              f"labels must be a list of class names, got {labels!r}")
         unknown = [lab for lab in labels if lab not in self.class_index]
         if unknown:
             raise WriterError(
                 f"split {self.split!r}, key {key!r}: unknown label(s) {unknown[:5]}; add them to the class list "
-                f"or fix the metadata (known classes: {', '.join(self.classes[:10])}{', ...' if len(self.classes) > 10 else ''})"
+                f"or fix the metadata (known classes: {', '.join(self.classes[:10])}"
+                f"{', ...' if len(self.classes) > 10 else ''})"
             )
         if len(set(labels)) != len(labels):
             raise WriterError(f"split {self.split!r}, key {key!r}: repeated label in {labels!r}; list each class once")
         if not self.multilabel and len(labels) != 1:
             raise WriterError(
-                f"split {self.split!r}, key {key!r}: a single-label dataset needs exactly one label per clip, got {labels!r}"
+                f"split {self.split!r}, key {key!r}: a single-label dataset needs exactly one label per clip, "
+                f"got {labels!r}"
             )
         return [self.class_index[lab] for lab in labels]
 
     def _prepare_wave(self, key: str, wave: np.ndarray | torch.Tensor, sample_rate: int | None) -> np.ndarray:
         w = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave, dtype=torch.float32)
         if w.dim() not in (1, 2) or w.shape[-1] == 0:
-            raise WriterError(f"split {self.split!r}, key {key!r}: expected audio [T] or [C, T] with T > 0, got {tuple(w.shape)}")
+            raise WriterError(f"split {self.split!r}, key {key!r}: "
+                              f"expected audio [T] or [C, T] with T > 0, got {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise WriterError(f"split {self.split!r}, key {key!r}: audio has NaN/Inf samples; fix or drop the clip")
         w = resample(to_mono(w), int(sample_rate or self.sample_rate), self.sample_rate)
@@ -206,16 +210,16 @@ class _OpenShard:
         self.url = url
         self.count = 0
         self.bytes = 2 * _TAR_BLOCK  # end-of-archive marker
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        fs, path = storage.url_to_fs(url, storage_options)
         self.local_path: str | None = None
         self.tmp_path: str | None = None
         try:
-            if _is_local(fs):
+            if storage.is_local_fs(fs):
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 self.local_path, self.tmp_path = path, f"{path}.tmp-{os.getpid()}"
                 self.fh: BinaryIO = open(self.tmp_path, "wb")
             else:
-                self.fh = fsspec.open(url, "wb", **storage_options).open()
+                self.fh = storage.open_file(url, "wb", storage_options).open()
             self.tar = tarfile.open(fileobj=self.fh, mode="w|", format=tarfile.USTAR_FORMAT)
         except (OSError, *storage.transient_errors()) as err:
             raise storage.failure(url, "write the shard", err) from err

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from cmkd import storage
-from cmkd.models.inference import predict
 from cmkd.errors import CmkdError
+from cmkd.models.inference import predict
 
 FORMAT = "cmkd-teacher-logits"
 FORMAT_VERSION = 1
@@ -63,7 +63,8 @@ def save_teacher_logits(url: str, keys: Sequence[str], logits: np.ndarray, meta:
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] != len(keys):
         raise OfflineLogitsError(
-            f"save_teacher_logits({url}): need logits [N, C] with one row per key, got {logits.shape} for {len(keys)} keys"
+            f"save_teacher_logits({url}): need logits [N, C] with one row per key, "
+            f"got {logits.shape} for {len(keys)} keys"
         )
     _check_unique(keys, url)
     buf = io.BytesIO()
@@ -123,7 +124,8 @@ class TeacherLogits:
         meta = doc if isinstance(doc, dict) else {}
         keys = doc.get("keys") if isinstance(doc, dict) else doc
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise OfflineLogitsError(f"{kurl}: expected a JSON list of sample keys or {{\"keys\": [...]}}; regenerate it")
+            raise OfflineLogitsError(f"{kurl}: expected a JSON list of sample keys or {{\"keys\": [...]}}; "
+                                     "regenerate it")
         try:
             if header_only:
                 shape, dtype = _npy_header(url)
@@ -137,7 +139,8 @@ class TeacherLogits:
                 f"{url}: not a plain numeric .npy ({err}); regenerate it with `cmkd teacher-logits`"
             ) from None
         if array.dtype != np.float32:
-            raise OfflineLogitsError(f"{url}: logits must be float32, got {array.dtype}; regenerate with `cmkd teacher-logits`")
+            raise OfflineLogitsError(f"{url}: logits must be float32, got {array.dtype}; "
+                                     "regenerate with `cmkd teacher-logits`")
         store = cls(url, array, keys, meta)
         stored_classes = meta.get("classes")
         if classes is not None and stored_classes is not None and list(stored_classes) != list(classes):
@@ -146,8 +149,10 @@ class TeacherLogits:
                 f"{list(classes)[:5]}...; compute the logits on this dataset"
             )
         if classes is not None and store.num_classes != len(classes):
-            raise OfflineLogitsError(f"{url}: has {store.num_classes} columns but the dataset has {len(classes)} classes")
-        if multilabel is not None and meta.get("multilabel") is not None and bool(meta["multilabel"]) != bool(multilabel):
+            raise OfflineLogitsError(f"{url}: has {store.num_classes} columns but the dataset has {len(classes)} "
+                                     "classes")
+        saved = meta.get("multilabel")
+        if multilabel is not None and saved is not None and bool(saved) != bool(multilabel):
             raise OfflineLogitsError(
                 f"{url}: the teacher was {'multi' if meta['multilabel'] else 'single'}-label but this dataset is not"
             )
@@ -170,9 +175,7 @@ class TeacherLogits:
 
 def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a .npy declares, read from its first bytes (never the rows)."""
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
+    with storage.open_file(url, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

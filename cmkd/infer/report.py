@@ -19,7 +19,8 @@ import torch
 
 import gin
 from cmkd import checkpoint, config, storage
-from cmkd.errors import user_errors
+from cmkd.data.manifest import ManifestError
+from cmkd.data.stream import SampleError, ShardError
 from cmkd.infer import plots
 from cmkd.infer.scoring import check_compatible, open_split, predict_split
 from cmkd.infer.sources import InferError
@@ -27,6 +28,9 @@ from cmkd.models.factory import load_model
 from cmkd.registry import call_with_context
 
 _STAGES = re.compile(r"^experiment\.stages\s*=\s*(\[.*?\])", re.MULTILINE | re.DOTALL)
+
+# The split's data or the stage's checkpoint is missing: a note (the report goes on); a refused config is not.
+_DATA_ERRORS = (InferError, ManifestError, ShardError, SampleError, checkpoint.CheckpointError, FileNotFoundError)
 
 
 @dataclass
@@ -168,7 +172,7 @@ def write_report(run_dir: str, *, data: str | None = None, split: str | None = N
     for s in stages if confusion else []:
         try:
             result = _confusion(s, rep, data, split, torch.device(device), batch_size)
-        except user_errors() as err:
+        except _DATA_ERRORS as err:
             if data is not None:  # the user named the data: its problems are theirs to fix
                 raise
             rep.notes.append(f"{s.name}: no confusion matrix ({err}); pass --data <dataset root> to use another copy")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import gin
 import torch
 from torch import nn
 
-import gin
 from cmkd import checkpoint, config, plugins
 from cmkd.models.backbones.ast import AST, resize_ast_state_dict
 from cmkd.models.classifier import Classifier, build_classifier
@@ -121,7 +121,8 @@ def _set_length(url: str, featurizer: nn.Module, clip_samples: int, frames: int 
             f"changed; drop the clip-length/frames override"
         )
     if (frames is not None and frames <= 0) or (seconds is not None and seconds <= 0):
-        raise checkpoint.CheckpointError(f"{url}: the new length must be positive, got frames={frames}, seconds={seconds}")
+        raise checkpoint.CheckpointError(f"{url}: the new length must be positive, got frames={frames}, "
+                                         f"seconds={seconds}")
     new_samples = round(seconds * featurizer.sample_rate) if seconds is not None else None
     if frames is None:  # same frames per second as the model was trained with
         frames = max(1, round(old * new_samples / clip_samples))

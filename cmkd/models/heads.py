@@ -25,6 +25,7 @@ class LinearHead(nn.Module):
 
 
 @heads.register("linear")
-def linear(in_dim: int, num_classes: int, norm: bool = False, dropout: float = 0.0, norm_eps: float = 1e-5) -> LinearHead:
+def linear(in_dim: int, num_classes: int, norm: bool = False, dropout: float = 0.0,
+           norm_eps: float = 1e-5) -> LinearHead:
     """Linear layer on the pooled embedding, optionally LayerNorm'ed first."""
     return LinearHead(in_dim, num_classes, norm=norm, dropout=dropout, norm_eps=norm_eps)

@@ -12,10 +12,11 @@ import pickle
 import sys
 from typing import Any, Iterator, Mapping
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cmkd import storage
 from cmkd.errors import CmkdError
 
 # Keys under which trainers commonly nest the weights inside a checkpoint dict.
@@ -75,7 +76,7 @@ def probing_weights() -> bool:
 def check_weights_file(url: str | os.PathLike[str]) -> None:
     """A ``weights=`` file exists (the preflight's check: the file is read when the stage trains)."""
     url = os.fspath(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"weights file {url!r} does not exist; check the path/URL passed as `weights=`")
 
@@ -119,7 +120,7 @@ def load_state_dict(path_or_url: str | os.PathLike[str]) -> dict[str, torch.Tens
     """
     url = os.fspath(path_or_url)
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_file(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(

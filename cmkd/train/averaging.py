@@ -1,6 +1,6 @@
 """Weight averaging: the uniform mean of several epochs' (or checkpoints') state dicts.
 
-As the PSLA/AST repositories do it (REFERENCE.md, "Weight averaging"): sum the state dicts of
+As the PSLA/AST repositories do it (docs/reference.md, "Training recipes"): sum the state dicts of
 the chosen epochs and divide by their number. Floating-point tensors (weights and
 BatchNorm running statistics) are averaged, in float64 then cast back; integer buffers such
 as BatchNorm's ``num_batches_tracked`` cannot be averaged meaningfully and are taken from the

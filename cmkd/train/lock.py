@@ -20,7 +20,6 @@ import time
 import uuid
 from typing import Any, Iterator
 
-import fsspec
 from rich.markup import escape
 
 from cmkd import storage
@@ -42,27 +41,7 @@ def _holder_text() -> tuple[str, dict[str, Any]]:
 
 def _create_exclusive(url: str, text: str) -> bool:
     """Write ``text`` to ``url`` only if nothing is there; False when something is."""
-    if storage.is_local(url):
-        path = storage.local_path(url)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return True
-    fs, path = fsspec.core.url_to_fs(url)
-    if "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        try:
-            fs.pipe_file(path, text.encode(), mode="create")  # PutObject with If-None-Match: *
-        except FileExistsError:
-            return False
-        return True
-    if fs.exists(path):  # no conditional write: write, then check that our token is the one stored
-        return False
-    fs.pipe_file(path, text.encode())
-    fs.invalidate_cache(path)
-    return fs.cat_file(path).decode() == text
+    return storage.create_exclusive(url, text.encode())
 
 
 def _read(url: str) -> dict[str, Any]:

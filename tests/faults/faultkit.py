@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import gin
-
 from helpers import TINY_AST, write_gin
 
 FAULTS_DIR = Path(__file__).resolve().parent

@@ -9,8 +9,9 @@ import os
 import time
 from typing import Any
 
-from cmkd.registry import strategies
 from fault_plugins import _Wrapped
+
+from cmkd.registry import strategies
 
 
 class _HoldUntil(_Wrapped):

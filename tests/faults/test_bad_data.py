@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import tarfile
 from collections import Counter
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from faultkit import flat
 from helpers import read_jsonl
 

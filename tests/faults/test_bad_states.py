@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from faultkit import flat
 from helpers import read_jsonl
 

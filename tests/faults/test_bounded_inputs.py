@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from faultkit import flat
 from helpers import cmkd_env, run_cmkd
 
@@ -212,7 +211,7 @@ print(json.dumps({'windows': r.windows, 'duration': r.duration_s, 'error': r.err
 
 
 def test_predict_windows_stream_a_long_file(tmp_path):
-    decoded = _long_wav(tmp_path / "long.wav", minutes=10)
+    _long_wav(tmp_path / "long.wav", minutes=10)
     _long_wav(tmp_path / "short.wav", minutes=0.5)  # several full batches: every code path warmed up
     done = subprocess.run([sys.executable, "-c", SCORE, str(tmp_path)], capture_output=True, text=True, timeout=180,
                           env=cmkd_env(tmp_path))

@@ -7,7 +7,6 @@ write) counts as stopped part-way."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faultkit import flat
 from helpers import cmkd_env, read_jsonl
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import gin
 import pytest
-
 from faultkit import flat
 from helpers import TINY_AST, write_gin
 
@@ -70,14 +69,17 @@ CASES = {
                           [r"train\.epochs = 'three' \(stage 'main'\) must be an integer >= 1; "
                            r"set at --bind \"train\.epochs = 'three'\""]),
     "float for an int": (BASE + "train.batch_size = 1.5\n", (),
-                         [r"train\.batch_size = 1\.5 \(stage 'main'\) must be an integer >= 1; set at {file}:{line:1.5}"]),
+                         [r"train\.batch_size = 1\.5 \(stage 'main'\) must be an integer >= 1; "
+                          r"set at {file}:{line:1.5}"]),
     "optimizer type": (BASE + "optimizer.lr = 'fast'\n", (),
                        [r"optimizer\.lr = 'fast' \(stage 'main'\) must be a number > 0; set at {file}:{line:'fast'}"]),
-    "missing dataset": (BASE + "train.dataset = @datasets.webdataset\ndatasets.webdataset.root = '/nonexistent/cmkd-data'\n",
+    "missing dataset": (BASE + "train.dataset = @datasets.webdataset\ndatasets.webdataset.root = "
+                               "'/nonexistent/cmkd-data'\n",
                         (), [r"/nonexistent/cmkd-data/dataset\.json: no dataset manifest here"]),
     "teacher listed after student": (BASE + KD.replace("['teacher', 'student']", "['student', 'teacher']"), (),
                                      [r"stage 'student' learns from stage 'teacher', which comes later in "
-                                      r"experiment\.stages = \['student', 'teacher'\]; list 'teacher' before 'student'"]),
+                                      r"experiment\.stages = \['student', 'teacher'\]; "
+                                      r"list 'teacher' before 'student'"]),
     "misspelt teacher": (BASE + KD + "strategies.logit_kd.teacher = 'teachr'\n", (),
                          [r"stage 'student' names teacher 'teachr', which is not a stage .*did you mean 'teacher'\?"]),
     "classes differ": (BASE + KD + "student/datasets.synthetic.num_classes = 4\n", (),

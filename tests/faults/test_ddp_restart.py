@@ -10,7 +10,6 @@ import os
 import re
 
 import pytest
-
 from faultkit import FAULTS_DIR, flat
 from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
 

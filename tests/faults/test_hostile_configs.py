@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from faultkit import flat
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 

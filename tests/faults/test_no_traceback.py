@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,7 +65,8 @@ def test_device_cuda_without_a_gpu(tmp_path: Path) -> None:
 def test_offline_pretrained_weights_fail_before_any_stage_trains(tmp_path: Path) -> None:
     # a hub nobody answers, and an empty cache: what an offline machine sees, in a second
     result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet",
-                  "student/classifier.pooler = @poolers.mean", "student/backbones.efficientnet.name = 'efficientnet_b0'",
+                  "student/classifier.pooler = @poolers.mean",
+                  "student/backbones.efficientnet.name = 'efficientnet_b0'",
                   "student/backbones.efficientnet.pretrained = True", args=("--device", "cpu"),
                   HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
                   HF_HUB_OFFLINE="")
@@ -77,7 +77,8 @@ def test_offline_pretrained_weights_fail_before_any_stage_trains(tmp_path: Path)
 
 def test_hf_hub_offline_with_an_empty_cache_fails_at_the_door(tmp_path: Path) -> None:
     result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet",
-                  "student/classifier.pooler = @poolers.mean", "student/backbones.efficientnet.name = 'efficientnet_b0'",
+                  "student/classifier.pooler = @poolers.mean",
+                  "student/backbones.efficientnet.name = 'efficientnet_b0'",
                   "student/backbones.efficientnet.pretrained = True", args=("--device", "cpu"),
                   HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     assert_one_error_line(result, "HF_HUB_OFFLINE", "PRETRAINED=False", "weights=")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from helpers import CMKD, cmkd_env, run_cmkd
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 TINY = """
 include 'demo.gin'
 experiment.name = 'resume'
+experiment.stages = ['teacher', 'student']  # the demo's no-KD baseline stage is not under test
 datasets.synthetic.train_samples = 48
 datasets.synthetic.eval_samples = 12
 datasets.synthetic.clip_seconds = 0.5

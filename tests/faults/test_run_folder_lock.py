@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faultkit import FAULTS_DIR, flat
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 

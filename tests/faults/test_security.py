@@ -17,7 +17,6 @@ from pathlib import Path
 
 import gin
 import pytest
-
 from faultkit import flat
 from helpers import TINY_AST, write_gin
 from test_bad_data import GOOD_KEYS, write_bad_dataset

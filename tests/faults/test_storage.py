@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from faultkit import flat
 from helpers import read_jsonl
 from s3_store import S3Store

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from helpers import cmkd_env, read_json, run_cmkd
 from wds_shards import classes_file, tone, write_tar
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from faultkit import FAULTS_DIR, flat
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 from s3_store import S3Store
@@ -39,7 +38,8 @@ def tiny_disk(tmp_path):
     """A real filesystem with 256 KiB of room (tmpfs; needs root, as the test machines have)."""
     mnt = tmp_path / "tiny-disk"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); the full-disk tests need root")
     try:
@@ -70,7 +70,8 @@ def _noise_folder(src: Path, clips: int, seconds: float) -> None:
 
 def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, tiny_disk):
     _noise_folder(tmp_path / "src", clips=8, seconds=2.0)  # noise does not compress: about 0.5 MB of FLAC
-    result = run_cmkd(["prepare", "folder", tmp_path / "src", tiny_disk / "ds", "--workers", "0", "--clip-seconds", "2"],
+    result = run_cmkd(["prepare", "folder", tmp_path / "src", tiny_disk / "ds", "--workers", "0",
+                       "--clip-seconds", "2"],
                       env=cmkd_env(tmp_path), timeout=120)
     out = _one_error(result, "No space left on device", "the disk is full")
     assert f"{tiny_disk}/ds/" in out and ".tar" in out  # the shard it was writing
@@ -91,7 +92,8 @@ def s3(tmp_path, monkeypatch):
     import s3fs
 
     st = S3Store(tmp_path / "s3-requests.log")
-    env = {"AWS_ENDPOINT_URL": st.endpoint, "AWS_ACCESS_KEY_ID": "cmkd-test-key", "AWS_SECRET_ACCESS_KEY": "cmkd-test-secret",
+    env = {"AWS_ENDPOINT_URL": st.endpoint, "AWS_ACCESS_KEY_ID": "cmkd-test-key",
+           "AWS_SECRET_ACCESS_KEY": "cmkd-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)

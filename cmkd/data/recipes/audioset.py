@@ -37,7 +37,8 @@ def read_class_labels(path: Path) -> tuple[list[str], dict[str, str]]:
         try:
             entries.append((int(row["index"]), row["mid"], row["display_name"]))
         except ValueError:
-            raise RecipeError(f"{path} line {line}: index {row['index']!r} is not an integer; restore the file") from None
+            raise RecipeError(f"{path} line {line}: index {row['index']!r} is not an integer; "
+                              "restore the file") from None
     if not entries:
         raise RecipeError(f"{path}: no classes; use AudioSet's class_labels_indices.csv")
     entries.sort()
@@ -105,7 +106,8 @@ def plan_audioset(src: Path, *, balanced: str | None = None, unbalanced: str | N
             if not mids:
                 raise RecipeError(f"{where} (YTID {ytid}): no labels; every AudioSet segment has at least one")
             if ytid in seen:
-                raise RecipeError(f"{where}: YTID {ytid} is listed again (first at {seen[ytid]}); keep one row per clip")
+                raise RecipeError(f"{where}: YTID {ytid} is listed again (first at {seen[ytid]}); "
+                                  "keep one row per clip")
             seen[ytid] = where
             found = find_audio(index, src, clip_name(clip_pattern, ytid, start, end, where))
             if found is None:
@@ -114,7 +116,8 @@ def plan_audioset(src: Path, *, balanced: str | None = None, unbalanced: str | N
             extra = {"ytid": ytid, "start": float(start), "end": float(end), "mids": mids}
             clips.append(Clip(split, ytid, str(found), tuple(name_of[m] for m in mids), where, extra))
     splits = list(csvs)
-    notes = [f"{sum(len(v) for v in missing.values())} listed clip(s) have no audio file in {src} (counted as missing)"] \
+    notes = [f"{sum(len(v) for v in missing.values())} listed clip(s) have no audio file in {src} (counted as "
+             "missing)"] \
         if missing else []
     return Plan(name="audioset", classes=classes, multilabel=True, splits=splits, clips=clips,
                 norm_splits=[s for s in splits if s in TRAIN_SPLITS], missing=missing, notes=notes)

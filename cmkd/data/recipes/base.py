@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
 from cmkd.errors import CmkdError
 
 # Extensions libsndfile decodes (WAV, FLAC, OGG/Opus, MP3, AIFF, ...); others are not audio to us.
@@ -86,7 +87,8 @@ def register(name: str, *, clip_seconds: float, layout: str) -> Callable[[Callab
 
     def decorate(fn: Callable[..., Plan]) -> Callable[..., Plan]:
         if name in RECIPES:
-            raise ValueError(f"recipe {name!r} is registered twice ({RECIPES[name].plan.__module__} and {fn.__module__})")
+            raise ValueError(f"recipe {name!r} is registered twice ({RECIPES[name].plan.__module__} and "
+                             f"{fn.__module__})")
         RECIPES[name] = Recipe(name, fn, float(clip_seconds), layout)
         return fn
 
@@ -119,7 +121,8 @@ def require_file(path: Path, what: str, fix: str) -> Path:
     return path
 
 
-def read_csv_rows(path: Path, *, required: Iterable[str], name: str | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+def read_csv_rows(path: Path, *, required: Iterable[str],
+                  name: str | None = None) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV with a header as ``(line number, {column: value})``; checks the columns first."""
     shown = name or str(path)
     with open(path, newline="", encoding="utf-8-sig") as f:

@@ -52,7 +52,8 @@ def plan_esc50(src: Path, *, esc10: bool = False, allow_missing: bool = False) -
         except ValueError:
             fold = 0
         if fold < 1:
-            raise RecipeError(f"{where}: fold must be a positive integer (1-5 in ESC-50), got {row['fold']!r}; fix the row")
+            raise RecipeError(f"{where}: fold must be a positive integer (1-5 in ESC-50), got {row['fold']!r}; "
+                              "fix the row")
         category, target = row["category"], row["target"]
         if not category:
             raise RecipeError(f"{where}: empty category for {row['filename']!r}; fill in the class name")
@@ -82,5 +83,6 @@ def plan_esc50(src: Path, *, esc10: bool = False, allow_missing: bool = False) -
         clips=clips,
         norm_splits=folds,
         missing=missing,
-        notes=[f"{len(folds)} folds; train on some and evaluate on another with datasets.webdataset.train_split/eval_split"],
+        notes=[f"{len(folds)} folds; train on some and evaluate on another with "
+               "datasets.webdataset.train_split/eval_split"],
     )

@@ -30,7 +30,8 @@ def read_class_file(path: Path) -> list[str]:
     """One class per line (blank lines and '#' comments ignored); the order is kept."""
     if not path.is_file():
         raise RecipeError(f"{path}: class list not found; pass --classes a text file with one class name per line")
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
     if not names:
         raise RecipeError(f"{path}: no class names; write one class name per line")
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -88,7 +89,8 @@ def plan_folder(src: Path, *, csv: str | None = None, classes: str | None = None
                 raise RecipeError(f"{where} (file {row['file']}): label(s) {unknown[:5]} are not in {classes}; "
                                   f"fix the label or add the class to the class list")
         if not multilabel and len(labels) != 1:
-            raise RecipeError(f"{where} (file {row['file']}): {len(labels)} labels {labels}; a single-label dataset needs "
+            raise RecipeError(f"{where} (file {row['file']}): {len(labels)} labels {labels}; "
+                              "a single-label dataset needs "
                               f"exactly one per file — fix the row or pass --multilabel")
         split = check_split_name(row["split"], where) if has_split else "train"
         if not row["file"]:
@@ -118,6 +120,7 @@ def plan_folder(src: Path, *, csv: str | None = None, classes: str | None = None
     splits = sorted({c.split for c in clips} | set(missing), key=lambda s: (s != "train", s))
     if not has_split and fraction > 0:
         splits = ["train", "eval"]
-    notes = [] if has_split else [f"no split column: {fraction:.0%} of each class's files went to 'eval' (by path hash)"]
+    notes = [] if has_split else [f"no split column: {fraction:.0%} of each class's files went to 'eval' (by path "
+                                  "hash)"]
     return Plan(name=src.name or "folder", classes=class_list, multilabel=multilabel, splits=splits, clips=clips,
                 norm_splits=["train"] if "train" in splits else [], missing=missing, notes=notes)

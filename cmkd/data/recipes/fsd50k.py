@@ -22,7 +22,8 @@ from cmkd.data.recipes.base import (
     split_labels,
 )
 
-LAYOUT = "the FSD50K release folder: FSD50K.dev_audio/, FSD50K.eval_audio/, FSD50K.ground_truth/{dev,eval,vocabulary}.csv"
+LAYOUT = ("the FSD50K release folder: FSD50K.dev_audio/, FSD50K.eval_audio/, "
+          "FSD50K.ground_truth/{dev,eval,vocabulary}.csv")
 DEV_SPLITS = ("train", "val")
 
 
@@ -31,11 +32,13 @@ def read_vocabulary(path: Path, shown: str) -> list[str]:
     entries: list[tuple[int, str]] = []
     for line, row in read_plain_rows(path, name=shown):
         if len(row) < 2:
-            raise RecipeError(f"{shown} line {line}: expected index,label,mid, got {row}; restore the file from the release")
+            raise RecipeError(f"{shown} line {line}: expected index,label,mid, got {row}; "
+                              "restore the file from the release")
         if not row[0].lstrip("-").isdigit():
             if line == 1:
                 continue  # header
-            raise RecipeError(f"{shown} line {line}: index {row[0]!r} is not an integer; restore the file from the release")
+            raise RecipeError(f"{shown} line {line}: index {row[0]!r} is not an integer; "
+                              "restore the file from the release")
         entries.append((int(row[0]), row[1]))
     if not entries:
         raise RecipeError(f"{shown}: no classes; restore vocabulary.csv from the FSD50K release")
@@ -57,7 +60,8 @@ def plan_fsd50k(src: Path, *, allow_missing: bool = False) -> Plan:
     clips: list[Clip] = []
     missing: dict[str, list[str]] = {}
     rows = 0
-    for csv_name, audio_name, fixed_split in (("dev.csv", "FSD50K.dev_audio", None), ("eval.csv", "FSD50K.eval_audio", "eval")):
+    for csv_name, audio_name, fixed_split in (("dev.csv", "FSD50K.dev_audio", None),
+                                              ("eval.csv", "FSD50K.eval_audio", "eval")):
         meta = require_file(gt / csv_name, "FSD50K ground truth", fix)
         audio_dir = src / audio_name
         if not audio_dir.is_dir():
@@ -85,7 +89,8 @@ def plan_fsd50k(src: Path, *, allow_missing: bool = False) -> Plan:
                 missing.setdefault(split, []).append(f"{audio_name}/{row['fname']}.wav ({where})")
                 continue
             mids = split_labels(row.get("mids", ""))
-            clips.append(Clip(split, row["fname"], str(path), tuple(labels), where, {"fname": row["fname"], "mids": mids}))
+            extra = {"fname": row["fname"], "mids": mids}
+            clips.append(Clip(split, row["fname"], str(path), tuple(labels), where, extra))
     lost = [m for ms in missing.values() for m in ms]
     if lost and not allow_missing:
         raise missing_error("fsd50k", lost, rows)

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from cmkd import storage
 from cmkd.data.recipes.base import Clip, Plan, RecipeError, get_recipe
 
 CROPS = ("start", "center", "none")  # "none" keeps full-length audio; readers crop at load time
@@ -106,14 +107,12 @@ def prepare(recipe: str, src: str | os.PathLike, dest: str, options: PrepareOpti
 
 
 def _check_dest(root: str, opts: PrepareOptions) -> None:
-    import fsspec
-
-    from cmkd.data.manifest import MANIFEST_NAME, _is_local, join_url
+    from cmkd.data.manifest import MANIFEST_NAME, join_url
 
     try:
-        fs, path = fsspec.core.url_to_fs(join_url(root, MANIFEST_NAME), **opts.storage_options)
+        fs, path = storage.url_to_fs(join_url(root, MANIFEST_NAME), opts.storage_options)
         exists = fs.exists(path)
-        if not _is_local(fs) and not fs.exists(path.split("/", 1)[0]):
+        if not storage.is_local_fs(fs) and not fs.exists(path.split("/", 1)[0]):
             raise RecipeError(f"DEST {shown_url(root)}: bucket {path.split('/', 1)[0]!r} does not exist or is not "
                               f"visible with these credentials; create it first or fix the URL")
     except (ImportError, ValueError) as err:
@@ -123,7 +122,8 @@ def _check_dest(root: str, opts: PrepareOptions) -> None:
                           f"package (pip install 'cmkd[cloud]' for s3:// and gs://)") from None
     except OSError as err:
         raise RecipeError(f"DEST {shown_url(root)}: cannot reach it ({type(err).__name__}: {err}); check the URL, the "
-                          f"endpoint (AWS_ENDPOINT_URL) and the credentials in your environment or fsspec config") from None
+                          "endpoint (AWS_ENDPOINT_URL) and the credentials in your environment or fsspec "
+                          "config") from None
     if exists and not opts.overwrite:
         raise RecipeError(f"DEST {shown_url(root)} already holds a prepared dataset ({MANIFEST_NAME}); pick another "
                           f"DEST or pass --overwrite to replace it")
@@ -143,10 +143,17 @@ def run_plan(plan: Plan, root: str, opts: PrepareOptions, *, default_clip_second
 
 
 def _run_plan(plan: Plan, root: str, opts: PrepareOptions, default_clip_seconds: float, quiet: bool) -> PrepareReport:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from cmkd.data.writer import DatasetWriter
     from cmkd.console import console
+    from cmkd.data.writer import DatasetWriter
 
     t0 = time.perf_counter()
     clip_seconds = float(opts.clip_seconds or default_clip_seconds)
@@ -161,7 +168,8 @@ def _run_plan(plan: Plan, root: str, opts: PrepareOptions, default_clip_seconds:
     workers = default_workers() if opts.workers is None else opts.workers
     skipped: list[tuple[str, str]] = []
     if not quiet:
-        console.print(f"[bold]{plan.name}[/]: {len(plan.classes)} classes, {'multi' if plan.multilabel else 'single'}-label, "
+        console.print(f"[bold]{plan.name}[/]: {len(plan.classes)} classes, "
+                      f"{'multi' if plan.multilabel else 'single'}-label, "
                       f"{len(ordered)} clips in {len(plan.splits)} split(s) → {shown_url(root)} "
                       f"({opts.sample_rate} Hz, {clip_seconds:g} s, crop {opts.crop}, {workers} decode worker(s))")
         for note in plan.notes:
@@ -289,7 +297,8 @@ def _decoded(jobs: list[tuple[str, int, int, str, bool]], workers: int,
             except BrokenProcessPool as err:
                 raise RecipeError(
                     f"a decoding worker process died ({err}); if you call prepare() from a script, put the call under "
-                    f"`if __name__ == '__main__':` (workers are spawned), or decode in-process with workers=0 / --workers 0"
+                    "`if __name__ == '__main__':` (workers are spawned), or decode in-process with "
+                    "workers=0 / --workers 0"
                 ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -300,7 +309,8 @@ def print_summary(report: PrepareReport) -> None:
 
     rows = [(s, r.listed + r.missing, r.written, r.skipped, r.missing, r.shards, f"{r.seconds / 3600:.2f}")
             for s, r in report.splits.items()]
-    tot = [sum(getattr(r, f) for r in report.splits.values()) for f in ("listed", "written", "skipped", "missing", "shards")]
+    tot = [sum(getattr(r, f) for r in report.splits.values())
+           for f in ("listed", "written", "skipped", "missing", "shards")]
     rows.append(("total", tot[0] + tot[3], tot[1], tot[2], tot[3], tot[4],
                  f"{sum(r.seconds for r in report.splits.values()) / 3600:.2f}"))
     out.print(table(f"prepared {report.manifest.name} in {report.elapsed:.1f} s",
@@ -312,5 +322,6 @@ def print_summary(report: PrepareReport) -> None:
         out.print("norm: not computed (no training clips); run `cmkd stats URL --split SPLIT --write` to add it")
     if report.skipped:
         console.print(f"[yellow]{len(report.skipped)} clip(s) could not be decoded and were left out[/]"
-                      + (f" (the first {MAX_SHOWN_SKIPS} are listed above)" if len(report.skipped) > MAX_SHOWN_SKIPS else ""))
+                      + (f" (the first {MAX_SHOWN_SKIPS} are listed above)"
+                         if len(report.skipped) > MAX_SHOWN_SKIPS else ""))
     out.print(f"wrote {shown_url(report.url)}/dataset.json", highlight=False)

@@ -1,7 +1,7 @@
 """``cmkd stats``: recompute a prepared dataset's normalization statistics, with progress.
 
-Same numbers as :func:`cmkd.data.stats.compute_stats` (the same NormStats over the same decoded
-clips), but over one or several splits pooled, with a progress bar for long streams.
+The same :class:`cmkd.data.stats.NormStats` the writer keeps while preparing, over the decoded
+clips of one or several splits pooled, with a progress bar for long streams.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def _recompute(url: str, splits: list[str] | None, max_clips: int | None, write:
                storage_options: dict[str, Any] | None) -> StatsResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cmkd.console import console
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.console import console
 
     if max_clips is not None and max_clips < 2:
         raise ManifestError(f"--max-clips must be at least 2, got {max_clips}")

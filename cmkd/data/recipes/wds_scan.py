@@ -64,7 +64,8 @@ def locate(src: str, split_args: list[str], list_dir: Callable[[str], list[str]]
         for arg in split_args:
             name, eq, pattern = arg.partition("=")
             if not eq or not pattern:
-                raise RecipeError(f"--split {arg!r}: write NAME=PATTERN, e.g. --split 'train=train-{{000000..000009}}.tar'")
+                raise RecipeError(f"--split {arg!r}: write NAME=PATTERN, "
+                                  "e.g. --split 'train=train-{000000..000009}.tar'")
             check_split_name(name, f"--split {arg!r}")
             if name in splits:
                 raise RecipeError(f"--split {name} is given twice; give each split once")
@@ -75,7 +76,8 @@ def locate(src: str, split_args: list[str], list_dir: Callable[[str], list[str]]
                                       f"holds every split's shards as SRC")
                 pattern = absolute[len(base) + 1:]
             if ".." in pattern.split("/"):
-                raise RecipeError(f"--split {arg!r}: '..' is not allowed; pass the folder that holds every split as SRC")
+                raise RecipeError(f"--split {arg!r}: '..' is not allowed; "
+                                  "pass the folder that holds every split as SRC")
             splits[name] = pattern
         return base, splits
     if _is_pattern(src):
@@ -91,7 +93,8 @@ def locate(src: str, split_args: list[str], list_dir: Callable[[str], list[str]]
     for n in names:
         m = _NUMBERED.match(n)
         groups.setdefault((m.group("prefix") if m else "") or "train", []).append(n)
-    return base, {check_split_name(split, f"shards {members[0]}"): _pattern(members) for split, members in groups.items()}
+    return base, {check_split_name(split, f"shards {members[0]}"): _pattern(members)
+                  for split, members in groups.items()}
 
 
 def _pattern(names: list[str]) -> str:
@@ -160,7 +163,8 @@ class Scanner:
         if audio is None:
             fields = sorted(k for k in record if not k.startswith("__"))
             wanted = f".{self.audio_field}" if self.audio_field else ".flac, .wav, .mp3, ..."
-            self.problems.append(Problem(url, key, "incomplete", f"{where}: no audio member ({wanted}); it has {fields} "
+            self.problems.append(Problem(url, key, "incomplete", f"{where}: no audio member ({wanted}); "
+                                                                 f"it has {fields} "
                                                                  f"(set --audio-field if the audio is there)"))
             return
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmkd import storage
 from cmkd.data.labels import LabelSpec
 from cmkd.data.manifest import Manifest, Split, join_url, normalize_root, write_bytes_atomic
 from cmkd.data.recipes.base import RecipeError
@@ -52,8 +53,6 @@ class AdoptReport:
 
 def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool = False) -> AdoptReport:
     """Write ``dataset.json`` at ``dest`` for the shards at ``src`` (a folder or brace pattern, any fsspec URL)."""
-    import fsspec
-
     opts = opts or AdoptOptions()
     _check_options(opts)
     # Fields are matched lower-cased, as WebDataset (and cmkd's reader) lower-case them.
@@ -64,11 +63,12 @@ def adopt(src: str, dest: str, opts: AdoptOptions | None = None, *, quiet: bool 
     _check_dest(root, opts)  # type: ignore[arg-type]  # uses .overwrite and .storage_options only
 
     def list_dir(url: str) -> list[str]:
-        fs, path = fsspec.core.url_to_fs(url, **opts.storage_options)
+        fs, path = storage.url_to_fs(url, opts.storage_options)
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         except FileNotFoundError:
-            raise RecipeError(f"SRC {shown_url(url)}: no such folder; pass the shards' folder or a brace pattern") from None
+            raise RecipeError(f"SRC {shown_url(url)}: no such folder; "
+                              "pass the shards' folder or a brace pattern") from None
 
     base, patterns = locate(src, list(opts.splits), list_dir)
     classes = _read_classes(opts.classes, opts.storage_options) if opts.classes else None
@@ -132,10 +132,8 @@ def _check_options(opts: AdoptOptions) -> None:
 
 
 def _read_classes(url: str, storage_options: dict[str, Any]) -> list[str]:
-    import fsspec
-
     try:
-        with fsspec.open(url, "rt", encoding="utf-8", **storage_options) as f:
+        with storage.open_file(url, "rt", storage_options, encoding="utf-8") as f:
             classes = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         raise RecipeError(f"--classes {url}: no such file; give a text file with one class per line") from None
@@ -145,7 +143,8 @@ def _read_classes(url: str, storage_options: dict[str, Any]) -> list[str]:
     return classes
 
 
-def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOptions, quiet: bool) -> dict[str, SplitScan]:
+def _scan(base: str, patterns: dict[str, str], scanner: Scanner, opts: AdoptOptions,
+          quiet: bool) -> dict[str, SplitScan]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmkd.console import console
@@ -187,9 +186,9 @@ def _only(counters: Any) -> str | None:
 
 def _norm(manifest: Manifest, splits: list[str], opts: AdoptOptions, quiet: bool) -> tuple[Any, int]:
     """fbank mean/std over the first ``norm_clips`` usable clips of ``splits`` (None if fewer than 2)."""
+    from cmkd.console import console
     from cmkd.data.stats import NormStats
     from cmkd.data.stream import iter_samples
-    from cmkd.console import console
 
     acc = NormStats(manifest.sample_rate)
     urls = [u for s in splits for u in manifest.shard_urls(s)]

@@ -6,5 +6,6 @@ from cmkd.models.backbones.efficientnet import EfficientNetBackbone
 from cmkd.models.backbones.timm_backbone import TimmBackbone
 
 __all__ = [
-    "AST", "EfficientNetBackbone", "psla", "TimmBackbone", "ast", "efficientnet", "resize_ast_state_dict", "timm_backbone",
+    "AST", "EfficientNetBackbone", "psla", "TimmBackbone", "ast", "efficientnet", "resize_ast_state_dict",
+    "timm_backbone",
 ]

@@ -20,11 +20,11 @@ from torch import nn
 
 from cmkd.models.pretrained import (
     WeightsError,
+    check_pretrained_available,
+    check_weights_file,
     first_lines,
     load_state_dict,
     merge_input_channels,
-    check_pretrained_available,
-    check_weights_file,
     pretrained_weights_skipped,
     probing_weights,
     resize_pos_embed,

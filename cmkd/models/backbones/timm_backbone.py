@@ -10,11 +10,11 @@ from torch import nn
 
 from cmkd.models.pretrained import (
     WeightsError,
+    check_weights_file,
     create_timm_model,
     first_lines,
     load_state_dict,
     merge_input_channels,
-    check_weights_file,
     pretrained_weights_skipped,
     probing_weights,
     select_prefix,

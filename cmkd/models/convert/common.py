@@ -58,7 +58,8 @@ def read_source(url: str) -> bytes:
     except FileNotFoundError:
         raise ConvertError(f"{url} does not exist; check the path or URL") from None
     except IsADirectoryError:
-        raise ConvertError(f"{url} is a folder without config.json; pass a Hugging Face model folder or a .pth file") from None
+        raise ConvertError(f"{url} is a folder without config.json; "
+                           "pass a Hugging Face model folder or a .pth file") from None
 
 
 def load_torch(data: bytes, url: str) -> Any:
@@ -74,7 +75,8 @@ def load_torch(data: bytes, url: str) -> Any:
                            f"re-save it with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConvertError(f"{url} is truncated or corrupt ({type(err).__name__}: {first}); download it again") from None
+        raise ConvertError(f"{url} is truncated or corrupt ({type(err).__name__}: {first}); "
+                           "download it again") from None
 
 
 def load_safetensors(data: bytes, url: str) -> dict[str, torch.Tensor]:

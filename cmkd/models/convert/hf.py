@@ -111,7 +111,8 @@ def from_config(cfg: dict[str, Any], pre: dict[str, Any], state: dict, source: s
     multilabel = problem == "multi_label_classification" or (problem is None and len(classes) == 527)
     eps = float(cfg.get("layer_norm_eps", 1e-12))
     config = frontend_gin(n_mels, frames) + ast_gin(
-        embed_dim=hidden, depth=int(cfg.get("num_hidden_layers", 12)), num_heads=int(cfg.get("num_attention_heads", 12)),
+        embed_dim=hidden, depth=int(cfg.get("num_hidden_layers", 12)),
+        num_heads=int(cfg.get("num_attention_heads", 12)),
         mlp_ratio=int(cfg.get("intermediate_size", 3072)) / hidden, patch=int(cfg.get("patch_size", 16)),
         stride=int(cfg.get("time_stride", 10)), norm_eps=eps, head_norm_eps=eps)
     model = hf_to_cmkd(state, source)

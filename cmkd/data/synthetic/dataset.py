@@ -16,12 +16,12 @@ from typing import Any
 
 from rich.progress import Progress
 
-from cmkd.data import synthetic
 from cmkd.data.manifest import Manifest
+from cmkd.data.synthetic import sounds
 from cmkd.data.writer import DatasetWriter
 from cmkd.registry import datasets
 
-GENERATOR_VERSION = 1  # bump when synthetic.py changes what a seed produces
+GENERATOR_VERSION = 1  # bump when sounds.py changes what a seed produces
 
 
 def cache_home() -> Path:
@@ -62,7 +62,7 @@ def synthetic_dataset(
 def _generate(target: Path, s: dict[str, Any]) -> None:
     # Write into a private folder, then rename: concurrent ranks never see half a dataset.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-    classes = list(synthetic.CLASSES[: s["num_classes"]])
+    classes = list(sounds.CLASSES[: s["num_classes"]])
     kwargs = dict(num_classes=s["num_classes"], multilabel=s["multilabel"], sample_rate=s["sample_rate"],
                   clip_seconds=s["clip_seconds"])
     try:
@@ -72,7 +72,7 @@ def _generate(target: Path, s: dict[str, Any]) -> None:
         ) as writer:
             for split in ("train", "eval"):
                 task = bar.add_task(f"generating synthetic {split}", total=s[split])
-                for key, wave, labels in synthetic.iter_clips(s[split], seed=s["seed"], split=split, **kwargs):
+                for key, wave, labels in sounds.iter_clips(s[split], seed=s["seed"], split=split, **kwargs):
                     writer.write(split, key, wave, labels)
                     bar.advance(task)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,153 @@
+"""From the runs' per-epoch metrics to the study's numbers: the probe's ladder and budgets, the
+grid's cells (last-k means), the paired differences and the findings. Writing is in report.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from study import stats
+from study.runs import PROBE_RUNGS, PROBE_RUNS, Group
+from study.setup import BASELINE, CELLS
+
+
+def curve(g: Group, stage: str) -> list[float] | None:
+    """The per-epoch eval accuracy of a finished stage (None while it is not finished)."""
+    if g.summary(stage) is None:
+        return None
+    return [r["eval_accuracy"] for r in g.history(stage)]
+
+
+def train_seconds(g: Group, stage: str) -> float:
+    # From the per-epoch records: summary.json's "seconds" counts only the last process of a resumed stage.
+    return sum(r.get("epoch_seconds", 0.0) for r in g.history(stage))
+
+
+# -- the budget probe ------------------------------------------------------------------------------
+def probe_scores(probe: list[Group]) -> dict[str, dict[int, dict[tuple, float]]]:
+    """{dataset: {epochs: {(split, seed): last-k mean of AST alone}}} over the finished probe runs."""
+    out: dict[str, dict[int, dict[tuple, float]]] = {}
+    for g in probe:
+        c = curve(g, "ast")
+        rung = out.setdefault(g.dataset, {}).setdefault(g.epochs, {})
+        if c is not None:
+            rung[(g.split, g.seed)] = stats.last_k_mean(c, stats.last_k(g.epochs))
+    return out
+
+
+def ladder(probe: list[Group], ds: str) -> dict[int, list[float]]:
+    """The scores choose_budget sees: a rung counts once every probe run has finished it."""
+    want = {(g.split, g.seed) for g in probe if g.dataset == ds}
+    rungs = probe_scores(probe).get(ds, {})
+    return {e: ([v[k] for k in sorted(v)] if set(v) == want else []) for e, v in rungs.items()}
+
+
+def budgets(probe: list[Group], overrides: dict[str, int]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {ds: stats.choose_budget(ladder(probe, ds))[0] for ds in {g.dataset for g in probe}}
+    out.update(overrides)
+    return out
+
+
+# -- the grid --------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One stage of the grid over its finished runs: {(split, seed): score}, curves, times."""
+
+    stage: str
+    scores: dict[tuple, float] = field(default_factory=dict)
+    curves: dict[tuple, list[float]] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+    params: int = 0
+
+
+def collect(grid: list[Group]) -> dict[str, dict[str, Cell]]:
+    """{dataset: {stage: Cell}} from every finished stage of the grid (a partial grid included)."""
+    out: dict[str, dict[str, Cell]] = {}
+    seen = set()
+    for g in grid:
+        for s in g.stages:
+            if (g.run_dir, s) in seen or (c := curve(g, s)) is None:
+                continue
+            seen.add((g.run_dir, s))
+            cell = out.setdefault(g.dataset, {}).setdefault(s, Cell(s))
+            key = (g.split, g.seed)
+            cell.scores[key] = stats.last_k_mean(c, stats.last_k(g.epochs))
+            cell.curves[key] = c
+            cell.seconds.append(train_seconds(g, s))
+            cell.params = g.summary(s)["params"]
+    return out
+
+
+@dataclass
+class Diff:
+    what: str
+    diffs: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    def text(self) -> str:
+        """'+1.2 pp ± 0.8 (SE, 10 paired runs, 7 better)': only what the numbers show."""
+        if not self.diffs:
+            return "no paired runs yet"
+        m, se = stats.mean_se(self.diffs)
+        better = sum(d > 0 for d in self.diffs)
+        se_txt = f"± {100 * se:.1f} SE" if self.n > 1 else "(1 run, no SE)"
+        return f"{100 * m:+.1f} pp {se_txt}, {self.n} paired run{'s' if self.n != 1 else ''}, {better} better"
+
+    def resolved(self) -> str:
+        """Whether the mean is more than two standard errors from zero (and which way)."""
+        m, se = stats.mean_se(self.diffs)
+        if self.n < 2 or se != se:
+            return "too few runs to tell"
+        if abs(m) <= 2 * se:
+            return "not distinguishable from 0 (|mean| ≤ 2 SE)"
+        return "positive (mean > 2 SE)" if m > 0 else "negative (mean < −2 SE)"
+
+
+def diff(cells: dict[str, Cell], a: str, b: str, what: str) -> Diff:
+    if a not in cells or b not in cells:
+        return Diff(what, [])
+    return Diff(what, stats.paired(cells[a].scores, cells[b].scores))
+
+
+def vs_baseline(cells: dict[str, Cell], stage: str) -> Diff:
+    return diff(cells, stage, BASELINE[CELLS[stage][1]], f"{CELLS[stage][0]} − {CELLS[BASELINE[CELLS[stage][1]]][0]}")
+
+
+def findings(cells: dict[str, Cell]) -> list[tuple[str, list[Diff]]]:
+    """DESIGN.md's findings, each with the paired differences that test it on this grid."""
+    return [
+        ("Either direction works (each student gains from the other class as teacher)",
+         [vs_baseline(cells, "cnn_to_ast"), vs_baseline(cells, "ast_to_cnn")]),
+        ("The student can beat its teacher",
+         [diff(cells, "cnn_to_ast", "cnn", "CNN→AST − its CNN teacher"),
+          diff(cells, "ast_to_cnn", "ast", "AST→CNN − its AST teacher")]),
+        ("A weaker teacher can be the better teacher (CNN student: AST teacher vs CNN teacher)",
+         [diff(cells, "ast_to_cnn", "cnn_to_cnn", "AST→CNN − CNN→CNN")]),
+        ("Self-KD adds little", [vs_baseline(cells, "cnn_to_cnn")]),
+        ("τ: the larger τ against τ = 1",
+         [diff(cells, "cnn_to_ast_tau", "cnn_to_ast", f"{CELLS['cnn_to_ast_tau'][0]} − CNN→AST τ=1"),
+          diff(cells, "ast_to_cnn_tau", "ast_to_cnn", f"{CELLS['ast_to_cnn_tau'][0]} − AST→CNN τ=1"),
+          vs_baseline(cells, "cnn_to_ast_tau"), vs_baseline(cells, "ast_to_cnn_tau")]),
+    ]
+
+
+def probe_runs_text() -> dict[str, str]:
+    return {ds: ", ".join(f"{split} seed {seed}" for split, seed in v) for ds, v in PROBE_RUNS.items()}
+
+
+def rungs_of(ds: str) -> list[int]:
+    return PROBE_RUNGS[ds]
+
+
+def count(groups: list[Group]) -> tuple[int, int]:
+    """(finished, expected) distinct stage runs of a list of groups."""
+    expected = {(g.run_dir, s) for g in groups for s in g.stages}
+    finished = [(g.run_dir, s) for g in groups for s in g.stages if g.summary(s) is not None]
+    return stats.completeness(list(expected), finished)
+
+
+def as_dict(cells: dict[str, Cell]) -> dict[str, Any]:
+    return {s: dict(scores={f"{k[0]}/seed{k[1]}": v for k, v in c.scores.items()}) for s, c in cells.items()}

@@ -1,0 +1,83 @@
+"""benchmarks/study/: the CMKD study's pure numbers (last-k mean, paired standard error, the epoch
+budget rule, the grid's completeness) and its tables on a partial grid. No training, no data."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from study import report, results, stats
+
+        yield stats, results, report
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in [m for m in sys.modules if m == "study" or m.startswith("study.")]:
+            sys.modules.pop(name)
+
+
+def test_last_k_mean_takes_the_final_epochs_never_the_best(study):
+    stats = study[0]
+    curve = [0.1, 0.9, 0.5, 0.6, 0.7]
+    assert stats.last_k_mean(curve, 3) == pytest.approx(0.6)
+    assert stats.last_k(100) == 10 and stats.last_k(25) == 3 and stats.last_k(2) == 2
+    with pytest.raises(ValueError):
+        stats.last_k_mean(curve, 6)
+
+
+def test_paired_difference_and_its_standard_error(study):
+    stats = study[0]
+    a = {("fold1", 0): 0.70, ("fold2", 0): 0.80, ("fold3", 0): 0.60}
+    b = {("fold1", 0): 0.60, ("fold2", 0): 0.75, ("fold9", 0): 0.10}  # fold3 / fold9 have no partner
+    d = stats.paired(a, b)
+    assert d == pytest.approx([0.10, 0.05])
+    m, se = stats.mean_se(d)
+    assert m == pytest.approx(0.075)
+    assert se == pytest.approx(math.sqrt(((0.025**2) * 2) / 1) / math.sqrt(2))
+    assert math.isnan(stats.mean_se([0.1])[1])  # one run: no standard error, not zero
+    assert stats.runs_needed(0.05, 0.02) == 7  # (5 / 2)^2 = 6.25 → 7 runs
+
+
+def test_budget_is_the_first_rung_whose_next_adds_less_than_1pp(study):
+    stats = study[0]
+    scores = {25: [0.50, 0.54], 50: [0.60, 0.62], 100: [0.65, 0.66], 150: [0.655, 0.66]}
+    assert stats.choose_budget(scores) == (100, True)  # 100 → 150 adds 0.25 pp
+    still = {25: [0.5], 50: [0.6], 100: [0.7]}
+    assert stats.choose_budget(still) == (100, False)  # still improving: the largest rung, flagged
+    unfinished = {25: [0.5], 50: [0.6], 100: []}  # the ladder ends at the first unfinished rung
+    assert stats.choose_budget(unfinished) == (50, False)
+    assert stats.choose_budget({25: [0.5], 50: []}) == (None, False)
+
+
+def test_completeness_counts_only_the_grids_runs(study):
+    stats = study[0]
+    assert stats.completeness([("a", "cnn"), ("a", "ast")], [("a", "cnn"), ("b", "cnn")]) == (1, 2)
+
+
+def test_partial_grid_table_states_runs_and_se_per_cell(study):
+    _, results, report = study
+    cells = {
+        "cnn": results.Cell("cnn", {("fold1", 0): 0.70, ("fold2", 0): 0.80, ("fold3", 0): 0.75}, params=100_000,
+                            seconds=[60.0] * 3),
+        "ast_to_cnn": results.Cell("ast_to_cnn", {("fold1", 0): 0.74, ("fold2", 0): 0.82}, params=100_000,
+                                   seconds=[60.0] * 2),
+    }
+    table = report.cell_table(cells, 10)
+    row = next(line for line in table if line.startswith("| AST→CNN |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[3] == "2"  # runs: only the finished ones
+    assert cols[4].startswith("+3.0")  # paired with fold1 and fold2 only: (+4 + 2) / 2
+    assert cols[5] == "1.0"  # SE: sd(4, 2) / sqrt(2) = 1.0 pp
+    assert cols[6] == "yes"
+    assert not any(line.startswith("| AST alone |") for line in table)  # no runs, no row
+    d = results.vs_baseline(cells, "ast_to_cnn")
+    assert d.n == 2 and d.resolved().startswith("positive")  # +3.0 pp > 2 × 1.0 SE
