@@ -15,7 +15,7 @@ import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings
 from cmkd.console import console, out, table
-from cmkd.data.describe import REAL_DATA_HINT
+from cmkd.data.describe import REAL_DATA_HINT, is_builtin_synthetic
 from cmkd.infer import report as run_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
@@ -202,21 +202,26 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
     settings never costs the teacher's training: settings' types, datasets (opened), strategies
     (built), teachers (a stage listed earlier, or an existing checkpoint, with the same classes)."""
     seen: dict[str, dict[str, Any]] = {}
+    told: list[bool] = []
+
+    def announce(ds: Any) -> None:  # once, before a model or its weights can fail: what the run trains on
+        if env.is_main and exp.name != "demo" and not told and is_builtin_synthetic(ds):
+            told.append(True)
+            console.print(f"[yellow]note:[/] {escape(REAL_DATA_HINT)}", highlight=False)
+
     for stage in exp.stages:
         if finished[stage] is not None:
             continue
         teachers = functools.partial(resolve_teacher, exp, runs_root, stage, finished=finished)
         ctx = StageContext(exp.name, stage, stage_dir(runs_root, exp.name, stage), config_text, env, teachers)
         with gin.config_scope(stage):
-            seen[stage] = check_stage(ctx)
+            seen[stage] = check_stage(ctx, announce)
         for ref in seen[stage]["teachers"]:
             if ref in seen and seen[ref]["classes"] != seen[stage]["classes"]:
                 raise TrainingError(
                     f"stage {stage!r} distils from stage {ref!r}, but their datasets have different classes "
                     f"({seen[ref]['classes'][:5]}... vs {seen[stage]['classes'][:5]}...); give both stages the same "
                     f"dataset")
-    if env.is_main and exp.name != "demo" and any(s.get("synthetic") for s in seen.values()):
-        console.print(f"[yellow]note:[/] {escape(REAL_DATA_HINT)}", highlight=False)
 
 
 def write_run_report(run_dir: str, device: Any) -> None:

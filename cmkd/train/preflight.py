@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -67,7 +67,8 @@ def message_of(err: BaseException) -> str:
     return str(err).split("\n  In call to configurable")[0].strip().splitlines()[0] if str(err).strip() else repr(err)
 
 
-def preflight(ctx: StageContext, settings: TrainSettings) -> dict[str, Any]:
+def preflight(ctx: StageContext, settings: TrainSettings,
+              announce: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Check a stage: its train/optimizer/schedule settings, its dataset (opened: the manifest is
     read), and its strategy when it has teachers (built with every teacher reference resolved by
     ``ctx.resolve_teacher`` and checked, but not loaded) or stored teacher logits (offline_kd:
@@ -80,6 +81,8 @@ def preflight(ctx: StageContext, settings: TrainSettings) -> dict[str, Any]:
     if not hasattr(ds, "train_loader"):
         raise ConfigError(f"stage {ctx.stage!r}: train.dataset is {ds!r}, not a dataset; bind a registered one, "
                           f"e.g. train.dataset = @datasets.webdataset (`cmkd registry datasets` lists them)")
+    if announce is not None:
+        announce(ds)
     check_model(ctx.stage, ds)
     check_loggers(s.loggers)  # a chosen W&B / MLflow without its package fails here, not after a stage
     check_settings(ctx.stage, "optimizer", gin.get_bindings("optimizer"))
