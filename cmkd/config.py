@@ -128,6 +128,11 @@ def _gin_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def parsed_from(name: str) -> bool:
+    """Whether the last parse read a gin file whose path ends with ``name`` (e.g. 'data/synthetic.gin')."""
+    return any(source.replace("\\", "/").endswith("/" + name) for source, _ in _SOURCES if source != "--bind")
+
+
 def binding_location(configurable: str, param: str, scope: str | None = None) -> str | None:
     """Where the last parse bound ``[scope/]configurable.param``: "file:line" or "--bind '...'"
     (the last binding wins, as in gin; a scoped one over an unscoped one)."""

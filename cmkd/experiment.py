@@ -13,7 +13,7 @@ from rich.markup import escape
 
 import gin
 from cmkd import checkpoint, saved_config, storage
-from cmkd.config import ConfigError, changed_bindings
+from cmkd.config import ConfigError, changed_bindings, parsed_from
 from cmkd.console import console, out, table
 from cmkd.data.describe import REAL_DATA_HINT, is_builtin_synthetic
 from cmkd.infer import report as run_report
@@ -205,7 +205,9 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
     told: list[bool] = []
 
     def announce(ds: Any) -> None:  # once, before a model or its weights can fail: what the run trains on
-        if env.is_main and exp.name != "demo" and not told and is_builtin_synthetic(ds):
+        # a shipped recipe on base.gin's default data (data/synthetic.gin), not a config that chose it
+        if env.is_main and exp.name != "demo" and not told and is_builtin_synthetic(ds) and \
+                parsed_from("data/synthetic.gin"):
             told.append(True)
             console.print(f"[yellow]note:[/] {escape(REAL_DATA_HINT)}", highlight=False)
 
