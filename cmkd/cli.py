@@ -20,6 +20,12 @@ app = typer.Typer(
     help="Audio classifiers with CNN/Transformer cross-model knowledge distillation (CMKD).",
 )
 
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error (also: CMKD_DEBUG=1)")) -> None:
+    if debug:
+        os.environ["CMKD_DEBUG"] = "1"  # read where errors become one line; ranks launched later inherit it
+
+
 @app.command()
 def run(
     configs: List[str] = typer.Argument(..., help="gin files or shipped recipe names (cnn_to_ast.gin, esc50/cnn_to_ast; "

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import gin
+from rich.markup import escape
 
+from cmkd import bindings as bindings_checks
 from cmkd import saved_config
+from cmkd.console import console
 from cmkd.errors import ConfigError, ImportNotAllowed  # noqa: F401 - ImportNotAllowed: re-exported, its old home
 from cmkd.registry import REGISTRIES
 from cmkd.saved_config import ALLOW_IMPORT_ENV  # noqa: F401 - re-exported: its old home
@@ -92,6 +95,10 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     except tokenize.TokenError as err:  # gin lets the tokenizer's error through, with no file name
         raise ConfigError(f"{path} (or a file it includes): the file ends inside an open bracket or string "
                           f"({err.args[0]}); close the bracket or quote") from None
+    files = _SOURCES[:-1]
+    bindings_checks.check_macros(files, bindings, recipes_dir())  # -b CNN_BATHC=8: an error, not a silent no-op
+    for note in bindings_checks.overridden(files, bindings):  # -b train.epochs=1 under teacher/train.epochs
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     for binding in bindings:
         try:
             gin.parse_config(binding)
@@ -119,6 +126,11 @@ def _gin_files(paths: Sequence[Path]) -> list[Path]:
         for inc in _INCLUDE.findall(file.read_text()):
             todo.extend(base / inc for base in (file.parent, recipes_dir()) if (base / inc).is_file())
     return files
+
+
+def parsed_from(name: str) -> bool:
+    """Whether the last parse read a gin file whose path ends with ``name`` (e.g. 'data/synthetic.gin')."""
+    return any(source.replace("\\", "/").endswith("/" + name) for source, _ in _SOURCES if source != "--bind")
 
 
 def binding_location(configurable: str, param: str, scope: str | None = None) -> str | None:

@@ -19,7 +19,9 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+            raise DistributedSetupError(f"--device {preference} was asked for but no CUDA device is visible (torch "
+                                        f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use "
+                                        f"--device cpu or --device auto")
         index = local_rank if preference == "cuda" else int(preference.split(":")[1])
         if index >= torch.cuda.device_count():
             raise DistributedSetupError(

@@ -13,13 +13,16 @@ from rich.markup import escape
 
 import gin
 from cmkd import checkpoint, saved_config, storage
-from cmkd.config import ConfigError, changed_bindings
+from cmkd.config import ConfigError, changed_bindings, parsed_from
 from cmkd.console import console, out, table
+from cmkd.data.describe import REAL_DATA_HINT, is_builtin_synthetic
 from cmkd.infer import report as run_report
 from cmkd.train import distributed
 from cmkd.train.lock import StageLocked, stage_lock
+from cmkd.train.loggers import log_report_figures, uses_tensorboard
 from cmkd.train.loop import StageContext, TrainingError, train
 from cmkd.train.loop import check as check_stage
+from cmkd.train.settings import TrainSettings
 
 
 @gin.configurable("experiment")
@@ -199,13 +202,22 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
     settings never costs the teacher's training: settings' types, datasets (opened), strategies
     (built), teachers (a stage listed earlier, or an existing checkpoint, with the same classes)."""
     seen: dict[str, dict[str, Any]] = {}
+    told: list[bool] = []
+
+    def announce(ds: Any) -> None:  # once, before a model or its weights can fail: what the run trains on
+        # a shipped recipe on base.gin's default data (data/synthetic.gin), not a config that chose it
+        if env.is_main and exp.name != "demo" and not told and is_builtin_synthetic(ds) and \
+                parsed_from("data/synthetic.gin"):
+            told.append(True)
+            console.print(f"[yellow]note:[/] {escape(REAL_DATA_HINT)}", highlight=False)
+
     for stage in exp.stages:
         if finished[stage] is not None:
             continue
         teachers = functools.partial(resolve_teacher, exp, runs_root, stage, finished=finished)
         ctx = StageContext(exp.name, stage, stage_dir(runs_root, exp.name, stage), config_text, env, teachers)
         with gin.config_scope(stage):
-            seen[stage] = check_stage(ctx)
+            seen[stage] = check_stage(ctx, announce)
         for ref in seen[stage]["teachers"]:
             if ref in seen and seen[ref]["classes"] != seen[stage]["classes"]:
                 raise TrainingError(
@@ -217,8 +229,11 @@ def preflight(exp: Experiment, runs_root: str, config_text: str, env: distribute
 def write_run_report(run_dir: str, device: Any) -> None:
     """Figures and report.md of the run (cmkd report); a plotting failure never fails the run."""
     try:
-        markdown = run_report.write_report(run_dir, device=device).markdown
-        console.print(f"report: {markdown}", markup=False, highlight=False)
+        rep = run_report.write_report(run_dir, device=device)
+        console.print(f"report: {rep.markdown}", markup=False, highlight=False)
+        with gin.config_scope(None):
+            if uses_tensorboard(TrainSettings(dataset=None).loggers):  # the figures as images, next to the stages'
+                log_report_figures(rep.directory, rep.figures)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why the report is missing
         console.print(f"[yellow]warning:[/] {escape(f'no report for {run_dir} ({type(err).__name__}: {err})')}; "
                       f"retry with `cmkd report {escape(run_dir)}`", highlight=False)

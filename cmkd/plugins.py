@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "cmkd.data.stream",
     "cmkd.data.synthetic.dataset",
     "cmkd.train.loop",
+    "cmkd.train.loggers",
     "cmkd.experiment",
 )
 

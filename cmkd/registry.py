@@ -127,9 +127,10 @@ heads = Registry("heads")
 losses = Registry("losses")
 datasets = Registry("datasets")
 strategies = Registry("strategies")
+loggers = Registry("loggers")  # experiment trackers: TensorBoard built in, W&B / MLflow optional
 
 REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (featurizers, backbones, poolers, heads, losses, datasets, strategies)
+    r.kind: r for r in (featurizers, backbones, poolers, heads, losses, datasets, strategies, loggers)
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cmkd import components, config
+from cmkd.bindings import macros
 from cmkd.experiment import run_experiment
 from cmkd.registry import REGISTRIES
 from cmkd.train import checkpoint
@@ -51,7 +52,9 @@ def _parse(recipe: str, *bindings: str) -> None:
         pytest.fail(f"{recipe} includes {missing}, not found next to it or in {GIN}")
     gin.clear_config()
     components.load_all()
-    config.parse([str(GIN / recipe)], [DATA_ROOT, *bindings])
+    # DATA_ROOT only where the recipe uses it: binding a macro no file uses is an error (docs/configuration.md)
+    texts = [(str(f), f.read_text().splitlines()) for f in config._gin_files([GIN / recipe])]
+    config.parse([str(GIN / recipe)], [*([DATA_ROOT] if "DATA_ROOT" in macros(texts) else []), *bindings])
 
 
 def _value(selector: str, scope: str | None = None) -> Any:

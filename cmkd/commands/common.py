@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import Any, TypeVar
 
 import typer
@@ -17,8 +19,17 @@ OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch
                  "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
 
 
+def debugging() -> bool:
+    """``--debug`` or ``CMKD_DEBUG=1``: errors keep their traceback (for bug reports)."""
+    return os.environ.get("CMKD_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
 def fail(message: str, code: int = 2) -> None:
-    """cmkd's error exit: ``message`` (rich markup) on stderr's console, then exit ``code``."""
+    """cmkd's error exit: ``message`` (rich markup) on stderr's console, then exit ``code``.
+    Called while handling an exception under ``--debug``: that exception's traceback instead."""
+    handled = sys.exc_info()[1]
+    if handled is not None and debugging():
+        raise handled
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 

@@ -231,6 +231,11 @@ class Manifest:
             with storage.open_file(url, "rt", storage_options, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
+            bucket = _missing_bucket(root, storage_options)
+            if bucket:
+                raise ManifestError(f"{url}: the bucket {bucket!r} does not exist (or these credentials cannot see "
+                                    f"it); check the bucket name in the data root, or create it and run `cmkd "
+                                    f"prepare RECIPE SRC {root}`") from None
             raise ManifestError(
                 f"{url}: no dataset manifest here. Point at a folder written by `cmkd prepare` "
                 f"(run `cmkd prepare RECIPE SRC {root}` to create one)"
@@ -252,6 +257,18 @@ class Manifest:
         write_bytes_atomic(url, payload, storage_options=storage_options)
         self.root = root
         return url
+
+
+def _missing_bucket(root: str, storage_options: dict[str, Any] | None) -> str | None:
+    """The bucket of an object-store root when it does not exist (None: it does, or it is a local path)."""
+    if "://" not in root or root.startswith("file://"):
+        return None
+    try:
+        fs, path = storage.url_to_fs(root, storage_options)
+        bucket = path.split("/", 1)[0]
+        return None if fs.exists(bucket) else bucket
+    except Exception:  # noqa: BLE001 - only a better message is at stake; keep the plain one
+        return None
 
 
 # -- URL helpers --------------------------------------------------------------------------------

@@ -55,6 +55,53 @@ def pretrained_weights_skipped() -> bool:
     return _skip_weights.get()
 
 
+# Set while the preflight builds every stage's model (meta device): weights are checked, not read.
+_probe_weights: contextvars.ContextVar[bool] = contextvars.ContextVar("cmkd_probe_pretrained", default=False)
+
+
+@contextlib.contextmanager
+def probe_pretrained_weights() -> Iterator[None]:
+    """Build backbones checking that their ``pretrained=`` / ``weights=`` can be had, without reading them."""
+    token = _probe_weights.set(True)
+    try:
+        yield
+    finally:
+        _probe_weights.reset(token)
+
+
+def probing_weights() -> bool:
+    return _probe_weights.get()
+
+
+def check_weights_file(url: str | os.PathLike[str]) -> None:
+    """A ``weights=`` file exists (the preflight's check: the file is read when the stage trains)."""
+    url = os.fspath(url)
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"weights file {url!r} does not exist; check the path/URL passed as `weights=`")
+
+
+def check_pretrained_available(name: str) -> None:
+    """timm's pretrained ``name`` can be had: the hub answers, or the file is in the local cache."""
+    if _in_hub_cache(name):
+        return
+    reason = ("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache" if _offline_chosen()
+              else _hub_unreachable())
+    if reason is not None:
+        raise PretrainedUnavailableError(offline_message(name, reason))
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        import timm.models
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+        return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:  # noqa: BLE001 - no cfg, no hub id: not known to be cached
+        return False
+
+
 class PretrainedUnavailableError(CmkdError, RuntimeError):
     """Pretrained weights could not be fetched (offline, blocked, or missing upstream)."""
 
@@ -213,7 +260,10 @@ def _is_network_error(err: BaseException) -> bool:
 
 
 def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` with clear errors for unknown names and failed downloads."""
+    """``timm.create_model`` with clear errors for unknown names and failed downloads.
+
+    With no route to the Hugging Face hub, the download is tried from the local cache only
+    (offline mode), so a machine without network fails in a second, not after a dozen retries."""
     import timm
 
     if not timm.is_model(name):
@@ -222,16 +272,68 @@ def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.
             f"unknown timm model {name!r}; similar names: {close or 'none'}. "
             f"List them with `python -c \"import timm; print(timm.list_models('*pattern*'))\"`"
         )
+    if pretrained and probing_weights():
+        check_pretrained_available(name)
+        pretrained = False
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    reason = _hub_unreachable()
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _quiet_hub(offline=reason is not None):
+            return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:
-        if pretrained and _is_network_error(err):
-            raise PretrainedUnavailableError(
-                f"could not fetch pretrained weights for timm model {name!r} ({type(err).__name__}: "
-                f"{first_lines(err, 1)}). This machine looks offline.\n"
-                + _OFFLINE_HOWTO.format(name=name)
-            ) from err
+        if _is_network_error(err):
+            raise PretrainedUnavailableError(offline_message(name, reason or f"{type(err).__name__}: "
+                                                                             f"{first_lines(err, 1)}")) from err
         raise
+
+
+def offline_message(name: str, reason: str) -> str:
+    """One line: what failed, and the two ways on (no pretrained weights, or a local file)."""
+    selector = ("backbones.ast" if name.startswith(("deit", "vit")) else
+                "backbones.efficientnet" if "efficientnet" in name else "backbones.timm")
+    return (f"could not fetch the pretrained weights of timm model {name!r}: this machine looks offline ({reason}). "
+            f"Train from random weights with -b PRETRAINED=False, or fetch the file on a machine with network "
+            f"(docs/pretrained.md) and bind -b \"{selector}.weights='/path/to/{name}.pth'\" (any fsspec URL; "
+            f"HF_HUB_OFFLINE=1 with a filled Hugging Face cache works too)")
+
+
+def _offline_chosen() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (None: it can, or HF_HUB_OFFLINE says use the cache)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if _offline_chosen():
+        return None  # the user chose the cache; timm reads it
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+        return None
+    except OSError as err:
+        return f"{host} unreachable: {err.strerror or type(err).__name__}"
+
+
+@contextlib.contextmanager
+def _quiet_hub(offline: bool) -> Iterator[None]:
+    """No retry warnings from huggingface_hub; the local cache only when the hub is unreachable."""
+    import logging
+
+    from huggingface_hub import constants
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level, was_offline = hub_log.level, constants.HF_HUB_OFFLINE
+    hub_log.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = was_offline or offline
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+        constants.HF_HUB_OFFLINE = was_offline
 
 
 def timm_pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:

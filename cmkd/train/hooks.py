@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -23,8 +23,9 @@ class Callback(Protocol):
 callbacks: list[Any] = []  # registered observers, e.g. a TensorBoard writer a plugin appends
 
 
-def notify(event: str, trainer: Any, payload: dict[str, Any]) -> None:
-    for cb in callbacks:
+def notify(event: str, trainer: Any, payload: dict[str, Any], extra: Sequence[Any] = ()) -> None:
+    """Call ``event`` on the registered observers, then on ``extra`` (the stage's own loggers)."""
+    for cb in [*callbacks, *extra]:
         hook = getattr(cb, event, None)
         if hook is not None:
             hook(trainer, payload)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from cmkd.train.pipeline import DataWait, compile_models  # noqa: F401 - their old home (benchmarks/step.py)
 from cmkd.train.preflight import preflight
@@ -18,6 +18,7 @@ def train(ctx: StageContext) -> dict[str, Any]:
     return Trainer(ctx, settings).fit()
 
 
-def check(ctx: StageContext) -> dict[str, Any]:
-    """Check one stage without training it (its settings, dataset, strategy and teachers)."""
-    return preflight(ctx, TrainSettings())
+def check(ctx: StageContext, announce: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Check one stage without training it (its settings, dataset, model, strategy and teachers);
+    ``announce`` sees the opened dataset before the model is built."""
+    return preflight(ctx, TrainSettings(), announce)

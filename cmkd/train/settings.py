@@ -24,7 +24,9 @@ class TrainSettings:
     ``log_every``: every N steps, the strategy's logs (loss_gt, loss_kd, teacher_acc, agree; means
     over the N steps and the ranks) go to steps.jsonl, the progress line and the step hooks;
     ``log_steps``: write every step's loss (averaged over ranks: the global batch's) to steps.jsonl;
-    ``compile``: torch.compile the student and the teachers (in place: checkpoints keep their keys).
+    ``compile``: torch.compile the student and the teachers (in place: checkpoints keep their keys);
+    ``loggers``: experiment trackers (``@loggers.tensorboard``, ``@loggers.wandb``, ``@loggers.mlflow``);
+    None means TensorBoard, ``[]`` none (docs/tracking.md).
     """
 
     dataset: Any = gin.REQUIRED
@@ -47,6 +49,7 @@ class TrainSettings:
     log_every: int = 10
     log_steps: bool = False
     compile: bool = False
+    loggers: Any = None
 
     def check(self, stage: str) -> None:
         """ConfigError for the first setting of the wrong type or range (gin binds any literal)."""

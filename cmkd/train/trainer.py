@@ -17,12 +17,13 @@ from cmkd import checkpoint, saved_config, storage
 from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.audio.views import draw_views
 from cmkd.console import TrainProgress, console, table
+from cmkd.data.describe import describe_dataset
 from cmkd.data.stream import worker_error_message
 from cmkd.device import autocast
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model
 from cmkd.registry import call_with_context, strategies
-from cmkd.train import averaging, distributed, hooks, resume_config
+from cmkd.train import averaging, distributed, hooks, loggers, resume_config
 from cmkd.train import resume as resuming
 from cmkd.train.evaluate import evaluate
 from cmkd.train.metrics import primary_metric
@@ -81,6 +82,9 @@ class Trainer:
         self.steps_log = self.steps_so_far() if ctx.resume else []  # steps.jsonl: log_steps and log_every records
         self.step_logs = hooks.StepLogs()  # the strategy's logs, summed on the device until the next log_every step
         self.shown = ""  # the last window's strategy logs, on the progress line
+        self.loggers: list[Any] = []  # train.loggers, built by fit() on rank 0 only
+        self.waits: DataWait | None = None  # the current epoch's data-wait clock (the loggers read it)
+        self.t_epoch: float | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -109,11 +113,19 @@ class Trainer:
                 f"({n_params / 1e6:.2f} M params), {len(self.ds.classes)} classes, {self.steps_per_epoch} steps/epoch "
                 f"× {s.epochs} epochs on {self.device} × {env.world_size}, strategy {type(self.strategy).__name__}"
             )
-        with TrainProgress(f"{self.ctx.stage}", self.total_steps, enabled=env.is_main) as self.bar:
-            self.bar.start_from(pos.step)
-            for epoch in range(pos.epoch, s.epochs):
-                self.train_epoch(epoch)
-        return self.finish(t_start)
+            console.print(f"  {escape(describe_dataset(self.ds))}", highlight=False)
+        if env.is_main:  # only rank 0 logs
+            self.loggers = loggers.build_loggers(s.loggers, stage_dir=self.ctx.stage_dir, experiment=self.ctx.experiment,
+                                                 stage=self.ctx.stage, config_text=self.ctx.config_text,
+                                                 start_step=pos.step)
+        try:
+            with TrainProgress(f"{self.ctx.stage}", self.total_steps, enabled=env.is_main, every=s.log_every) as self.bar:
+                self.bar.start_from(pos.step)
+                for epoch in range(pos.epoch, s.epochs):
+                    self.train_epoch(epoch)
+            return self.finish(t_start)
+        finally:
+            loggers.close_all(self.loggers)
 
     def train_epoch(self, epoch: int) -> None:
         s, env, pos = self.s, self.env, self.state.position
@@ -126,7 +138,8 @@ class Trainer:
         self.stream_resume = {}
         # Exactly steps_per_epoch steps on every rank, whatever the loader yields: a rank with
         # one step more or less would wait forever in DDP's gradient all-reduce.
-        waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
+        waits = self.waits = DataWait()  # how long each step blocked on the loader: is the data keeping up?
+        self.t_epoch = t_epoch
         batches = guard_batches(loader, lambda err: self.data_failed(err, epoch), self.state.data_skipped)
         for batch in waits.wrap(itertools.islice(batches, max(0, self.steps_per_epoch - pos.step_in_epoch))):
             self.step(batch, epoch, data_epoch)
@@ -199,7 +212,7 @@ class Trainer:
                 window.pop("loss", None)  # log_steps: the record's loss is this step's, not the window's
             record = dict(record or dict(epoch=epoch + 1, step=pos.step), **window)
             self.shown = " · ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in window.items() if k != "loss")
-            hooks.notify("on_step_end", self, record)
+            hooks.notify("on_step_end", self, record, self.loggers)
         if record is not None:
             self.steps_log.append(record)
 
@@ -221,7 +234,7 @@ class Trainer:
                       **waits.record(time.perf_counter() - t_epoch),
                       **{f"eval_{k}": v for k, v in metrics.items()})
         pos.history.append(record)
-        hooks.notify("on_epoch_end", self, record)
+        hooks.notify("on_epoch_end", self, record, self.loggers)
         improved = not pos.best or metrics[self.metric_name] > pos.best[f"eval_{self.metric_name}"]
         if improved:
             pos.best = record
@@ -265,7 +278,7 @@ class Trainer:
                                 f"{ctx.stage_dir} and train it again")
         if averaged is not None:
             summary["averaged"] = averaged
-        hooks.notify("on_stage_end", self, summary)
+        hooks.notify("on_stage_end", self, summary, self.loggers)
         if env.is_main:
             storage.write_text(storage.join(ctx.stage_dir, "summary.json"), json.dumps(summary, indent=2))
             console.print(table(f"{ctx.experiment}/{ctx.stage}",

@@ -20,10 +20,13 @@ from torch import nn
 
 from cmkd.models.pretrained import (
     WeightsError,
+    check_pretrained_available,
+    check_weights_file,
     first_lines,
     load_state_dict,
     merge_input_channels,
     pretrained_weights_skipped,
+    probing_weights,
     resize_pos_embed,
     select_prefix,
     square_grid,
@@ -247,6 +250,12 @@ def ast(
         pretrained = False
     model = AST(in_shape, embed_dim, depth, num_heads, mlp_ratio, patch, stride, distilled, drop_path_rate, norm_eps)
     if pretrained_weights_skipped():  # a checkpoint will be loaded over these weights
+        return model
+    if probing_weights():  # the preflight: can the weights be had? (read when the stage trains)
+        if weights is not None:
+            check_weights_file(weights)
+        elif pretrained:
+            check_pretrained_available(DEFAULT_PRETRAINED if pretrained is True else str(pretrained))
         return model
     if pretrained:
         name = DEFAULT_PRETRAINED if pretrained is True else str(pretrained)

@@ -10,11 +10,13 @@ from torch import nn
 
 from cmkd.models.pretrained import (
     WeightsError,
+    check_weights_file,
     create_timm_model,
     first_lines,
     load_state_dict,
     merge_input_channels,
     pretrained_weights_skipped,
+    probing_weights,
     select_prefix,
     timm_checkpoint_filter,
 )
@@ -69,7 +71,9 @@ def build_timm_model(
                 raise
     if model is None:
         model = create_timm_model(name, pretrained=pretrained, **kwargs)
-    if weights is not None:
+    if weights is not None and probing_weights():  # the preflight: the file exists (read when the stage trains)
+        check_weights_file(weights)
+    elif weights is not None:
         load_timm_weights(model, weights)
     return model
 

@@ -1,0 +1,221 @@
+"""Experiment trackers as components (``train.loggers``): TensorBoard built in, W&B and MLflow optional.
+
+A logger is built by the Trainer on rank 0 only, with the context its factory asks for
+(``stage_dir``, ``experiment``, ``stage``, ``config_text``, ``start_step``), and receives the
+Trainer's hooks (``cmkd.train.hooks``): ``on_step_end``, ``on_epoch_end``, ``on_stage_end``;
+``close()`` is called when the stage ends or fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from cmkd import storage
+from cmkd.errors import CmkdError
+from cmkd.registry import call_with_context, loggers
+
+
+class LoggerError(CmkdError, RuntimeError):
+    """A chosen logger cannot start (its package is missing, its server is unreachable)."""
+
+
+def _import_optional(package: str, logger: str) -> Any:
+    """The logger's package, imported only when that logger is chosen."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise LoggerError(f"train.loggers names @loggers.{logger}, but the {package!r} package is not installed; "
+                          f"`pip install {package}`, or drop @loggers.{logger} from train.loggers") from None
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record (epoch/step counters and text left out)."""
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")
+            and math.isfinite(float(v))}
+
+
+def step_scalars(trainer: Any, logs: dict[str, float]) -> dict[str, float]:
+    """What a step window shows: the loss, the strategy's parts, lr, clips/s and data-wait."""
+    values = _numbers(logs)
+    values["lr"] = float(trainer.state.optimizer.param_groups[0]["lr"])
+    bar = getattr(trainer, "bar", None)
+    if bar is not None:
+        values["clips_per_s"] = float(bar.clips_per_second)
+    waits, t_epoch = getattr(trainer, "waits", None), getattr(trainer, "t_epoch", None)
+    if waits is not None and t_epoch is not None:
+        values["data_wait"] = float(waits.fraction(time.perf_counter() - t_epoch))
+    return values
+
+
+@loggers.register("tensorboard")
+class TensorBoardLogger:
+    """TensorBoard event files in the stage folder (``tensorboard --logdir runs/``)."""
+
+    def __init__(self, stage_dir: str, start_step: int = 0, flush_secs: int = 30):
+        from torch.utils.tensorboard import SummaryWriter  # late: only when chosen
+
+        self.target = stage_dir
+        # SummaryWriter writes local files only: a bucket's stage folder gets them at each epoch's end
+        self.local = storage.local_path(stage_dir) if storage.is_local(stage_dir) else tempfile.mkdtemp(prefix="cmkd-tb-")
+        # purge_step: a resumed stage drops the events the interrupted run wrote past its checkpoint
+        self.writer = SummaryWriter(self.local, purge_step=start_step or None, flush_secs=flush_secs)
+
+    def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        for key, value in step_scalars(trainer, logs).items():
+            self.writer.add_scalar(f"train/{key}", value, int(logs["step"]))
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        for key, value in _numbers(metrics).items():
+            group = "eval" if key.startswith("eval_") else "epoch"
+            self.writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, int(metrics["step"]))
+        self.writer.flush()
+        self._upload()
+
+    def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        best = summary.get("best") or {}
+        metric = summary.get("metric")
+        if metric and f"eval_{metric}" in best:
+            self.writer.add_text("summary", f"best eval {metric} {best[f'eval_{metric}']:.4f} "
+                                            f"at epoch {best.get('epoch')}", int(summary.get("last", {}).get("step", 0)))
+
+    def add_image_png(self, tag: str, png: bytes, step: int = 0) -> None:
+        """A report figure (curves, confusion matrix) as an image."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+        self._upload()
+        if not storage.is_local(self.target):
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _upload(self) -> None:
+        if storage.is_local(self.target):
+            return
+        for name in os.listdir(self.local):
+            with open(os.path.join(self.local, name), "rb") as f:
+                storage.write_bytes(storage.join(self.target, name), f.read())
+
+
+@loggers.register("wandb")
+class WandbLogger:
+    """Weights & Biases (``pip install wandb``; imported only when chosen). One W&B run per stage."""
+
+    requires = "wandb"
+
+    def __init__(self, experiment: str, stage: str, stage_dir: str, project: str = "cmkd", entity: str | None = None,
+                 mode: str | None = None):
+        wandb = _import_optional("wandb", "wandb")
+        self.run = wandb.init(project=project, entity=entity, group=experiment, name=f"{experiment}/{stage}",
+                              dir=stage_dir if storage.is_local(stage_dir) else None, mode=mode, reinit=True)
+
+    def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        self.run.log({f"train/{k}": v for k, v in step_scalars(trainer, logs).items()}, step=int(logs["step"]))
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in _numbers(metrics).items()}, step=int(metrics["step"]))
+
+    def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self.run.summary.update({"best": summary.get("best"), "metric": summary.get("metric")})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@loggers.register("mlflow")
+class MlflowLogger:
+    """MLflow (``pip install mlflow``; imported only when chosen). One MLflow run per stage."""
+
+    requires = "mlflow"
+
+    def __init__(self, experiment: str, stage: str, tracking_uri: str | None = None):
+        self.mlflow = _import_optional("mlflow", "mlflow")
+        if tracking_uri:
+            self.mlflow.set_tracking_uri(tracking_uri)
+        self.mlflow.set_experiment(experiment)
+        self.run = self.mlflow.start_run(run_name=stage)
+
+    def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        self.mlflow.log_metrics({f"train_{k}": v for k, v in step_scalars(trainer, logs).items()},
+                                step=int(logs["step"]))
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self.mlflow.log_metrics(_numbers(metrics), step=int(metrics["step"]))
+
+    def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self.mlflow.set_tag("strategy", summary.get("strategy"))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def build_loggers(chosen: Any, **context: Any) -> list[Any]:
+    """``train.loggers`` built: None means TensorBoard; factories get the context they ask for."""
+    if chosen is None:
+        chosen = [loggers.get("tensorboard")]
+    if callable(chosen) or isinstance(chosen, str):
+        chosen = [chosen]
+    built = []
+    for item in chosen:
+        if isinstance(item, str):
+            item = loggers.get(item)
+        # uncalled (@loggers.tensorboard) or a plugin's factory: built here; an instance: used as is
+        built.append(call_with_context(item, **context) if isinstance(item, type) or inspect.isfunction(item)
+                     else item)
+    return built
+
+
+def check_loggers(chosen: Any) -> None:
+    """At the door (preflight): each chosen logger's optional package is installed."""
+    items = [] if chosen is None else [chosen] if callable(chosen) or isinstance(chosen, str) else list(chosen)
+    for item in items:
+        if isinstance(item, str):
+            item = loggers.get(item)
+        package = getattr(item, "requires", None)
+        if package:
+            name = next((e.name for e in loggers.entries() if e.obj is item), package)
+            if importlib.util.find_spec(package) is None:
+                _import_optional(package, name)
+
+
+def uses_tensorboard(chosen: Any) -> bool:
+    """Whether ``train.loggers`` (None: the default) includes TensorBoard."""
+    if chosen is None:
+        return True
+    items = [chosen] if callable(chosen) or isinstance(chosen, str) else list(chosen)
+    tb = loggers.get("tensorboard")
+    return any(i == "tensorboard" or i is tb or isinstance(i, TensorBoardLogger) for i in items)
+
+
+def log_report_figures(report_dir: str, figures: list[str]) -> None:
+    """The report's figures (curves, confusion matrices) as TensorBoard images, in the report folder."""
+    figures = [f for f in figures if f.endswith(".png")]
+    if not figures:
+        return
+    board = TensorBoardLogger(report_dir)
+    try:
+        for name in figures:
+            board.add_image_png(f"report/{name.removesuffix('.png')}", storage.read_bytes(storage.join(report_dir, name)))
+    finally:
+        board.close()
+
+
+def close_all(active: list[Any]) -> None:
+    for logger in active:
+        close = getattr(logger, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,124 @@
+"""The no-traceback catalogue (docs/reliability.md): every failure that is the user's or the
+environment's ends `cmkd run` with exit code 2, exactly one `error:` line and no traceback,
+through the real CLI (and a real S3 server for the storage cases)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
+
+pytestmark = pytest.mark.timeout(180)
+
+DATA = """
+train.dataset = @datasets.synthetic
+datasets.synthetic.train_samples = 8
+datasets.synthetic.eval_samples = 4
+datasets.synthetic.clip_seconds = 0.5
+datasets.synthetic.num_workers = 0
+train.batch_size = 4
+"""
+TWO_STAGES = """
+experiment.name = 'faults'
+experiment.stages = ['teacher', 'student']
+teacher/classifier.backbone = @backbones.efficientnet
+teacher/classifier.pooler = @poolers.mean
+student/train.strategy = @strategies.logit_kd
+strategies.logit_kd.teacher = 'teacher'
+"""
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: nothing listens there
+
+
+def assert_one_error_line(result, *words: str) -> str:
+    """Exit code 2, exactly one `error:` line (the message may wrap), no traceback; returns it."""
+    out = result.output
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in out, result.describe()
+    errors = [i for i, line in enumerate(out.splitlines()) if line.startswith("error:")]
+    assert len(errors) == 1, result.describe()
+    message = " ".join(out.splitlines()[errors[0]:])
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
+def _run(tmp_path: Path, *blocks: str, args: tuple[str, ...] = (), run_dir: str | None = None, **env: str):
+    cfg = write_gin(tmp_path / "exp.gin", TINY_AST, TINY_CNN, DATA, TWO_STAGES, *blocks)
+    return run_cmkd(["run", cfg, "--run-dir", run_dir or str(tmp_path / "runs"), *args],
+                    env=cmkd_env(tmp_path, **env), timeout=170)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu(tmp_path: Path) -> None:
+    assert_one_error_line(_run(tmp_path, args=("--device", "cuda")), "--device cuda", "--device cpu")
+
+
+def test_offline_pretrained_weights_fail_before_any_stage_trains(tmp_path: Path) -> None:
+    # a hub nobody answers, and an empty cache: what an offline machine sees, in a second
+    result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet",
+                  "student/classifier.pooler = @poolers.mean",
+                  "student/backbones.efficientnet.name = 'efficientnet_b0'",
+                  "student/backbones.efficientnet.pretrained = True", args=("--device", "cpu"),
+                  HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
+                  HF_HUB_OFFLINE="")
+    message = assert_one_error_line(result, "offline", "PRETRAINED=False", "weights=")
+    assert "Retry" not in result.output, message
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+def test_hf_hub_offline_with_an_empty_cache_fails_at_the_door(tmp_path: Path) -> None:
+    result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet",
+                  "student/classifier.pooler = @poolers.mean",
+                  "student/backbones.efficientnet.name = 'efficientnet_b0'",
+                  "student/backbones.efficientnet.pretrained = True", args=("--device", "cpu"),
+                  HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert_one_error_line(result, "HF_HUB_OFFLINE", "PRETRAINED=False", "weights=")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+def test_a_model_build_error_in_a_later_stage_fails_before_the_teacher_trains(tmp_path: Path) -> None:
+    result = _run(tmp_path, "student/classifier.backbone = @backbones.efficientnet", args=("--device", "cpu"))
+    assert_one_error_line(result, "student", "poolers.token")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+def test_a_missing_weights_file_in_a_later_stage_fails_before_the_teacher_trains(tmp_path: Path) -> None:
+    result = _run(tmp_path, "student/backbones.ast.weights = '/nowhere/deit.pth'", args=("--device", "cpu"))
+    assert_one_error_line(result, "/nowhere/deit.pth")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+def test_unreachable_storage_endpoint(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    result = _run(tmp_path, args=("--device", "cpu"), run_dir="s3://cmkd-nowhere/runs",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{_closed_port()}", AWS_ACCESS_KEY_ID="x",
+                  AWS_SECRET_ACCESS_KEY="y", CMKD_WRITE_RETRIES="1", CMKD_WRITE_BACKOFF="0.05",
+                  AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
+    assert_one_error_line(result, "s3://cmkd-nowhere", "unreachable")
+
+
+def test_missing_bucket_of_the_data_says_bucket(tmp_path: Path, s3_endpoint: str) -> None:
+    bucket = f"cmkd-missing-{uuid.uuid4().hex[:8]}"
+    result = _run(tmp_path, "train.dataset = @datasets.webdataset", f"datasets.webdataset.root = 's3://{bucket}/data'",
+                  args=("--device", "cpu"))
+    assert_one_error_line(result, bucket, "bucket")
+
+
+@pytest.mark.parametrize("how", ["--debug", "CMKD_DEBUG=1"])
+def test_debug_shows_the_traceback(tmp_path: Path, how: str) -> None:
+    cfg = write_gin(tmp_path / "exp.gin", TINY_AST, TINY_CNN, DATA, TWO_STAGES)
+    args = ["--debug"] if how == "--debug" else []
+    env = cmkd_env(tmp_path, **({"CMKD_DEBUG": "1"} if how != "--debug" else {}))
+    result = run_cmkd([*args, "run", cfg, "--run-dir", tmp_path / "runs", "--device", "cuda"], env=env)
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a CUDA device")
+    assert result.returncode != 0 and "Traceback" in result.output, result.describe()

@@ -1,0 +1,109 @@
+"""Experiment tracking: TensorBoard event files in each stage folder (read back with tensorboard's
+own reader), plain progress lines in a non-terminal log, and 80-column output that is never cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
+
+pytestmark = pytest.mark.timeout(300)
+
+RUN = """
+train.dataset = @datasets.synthetic
+datasets.synthetic.train_samples = 16
+datasets.synthetic.eval_samples = 8
+datasets.synthetic.clip_seconds = 0.5
+datasets.synthetic.num_workers = 0
+train.batch_size = 4
+train.log_every = 2
+experiment.name = 'tracked'
+experiment.stages = ['teacher', 'student']
+teacher/classifier.backbone = @backbones.efficientnet
+teacher/classifier.pooler = @poolers.mean
+student/train.strategy = @strategies.logit_kd
+strategies.logit_kd.teacher = 'teacher'
+"""
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tracked")
+    cfg = write_gin(tmp / "exp.gin", TINY_AST, TINY_CNN, RUN)
+    runs = tmp / "runs"
+    env = cmkd_env(tmp, COLUMNS="80")  # stdout/stderr are pipes: not a terminal
+    result = run_cmkd(["run", cfg, "--run-dir", runs, "--device", "cpu"], env=env, timeout=280).check()
+    return runs / "tracked", result
+
+
+def _scalars(stage_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(stage_dir.glob("events.out.tfevents.*")), sorted(p.name for p in stage_dir.iterdir())
+    acc = EventAccumulator(str(stage_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_each_stage_folder_has_tensorboard_events_with_the_strategy_parts(tracked) -> None:
+    run_dir, _ = tracked
+    teacher, student = _scalars(run_dir / "teacher"), _scalars(run_dir / "student")
+    for tags in (teacher, student):
+        for tag in ("train/loss", "train/lr", "train/clips_per_s", "train/data_wait", "epoch/train_loss",
+                    "eval/accuracy"):
+            assert tag in tags, sorted(tags)
+        assert len(tags["train/loss"]) == 2  # 4 steps, log_every 2
+    for tag in ("train/loss_gt", "train/loss_kd", "train/teacher_acc", "train/agree"):
+        assert tag in student, sorted(student)
+
+
+def test_the_report_figures_are_tensorboard_images(tracked) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = tracked
+    acc = EventAccumulator(str(run_dir / "report"))
+    acc.Reload()
+    assert "report/curves" in acc.Tags()["images"], acc.Tags()
+
+
+def test_a_non_terminal_log_gets_plain_progress_lines_every_log_every_steps(tracked) -> None:
+    _, result = tracked
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("teacher ", "student "))
+             and " clips/s" in line and "ETA" in line]
+    assert [line.split()[1] for line in lines if line.startswith("teacher ")] == ["2/4", "4/4"], result.stderr[-3000:]
+
+
+def test_80_columns_cut_no_name(tracked) -> None:
+    _, result = tracked
+    assert "…" not in result.stdout + result.stderr
+    table = result.stdout[result.stdout.index("stages on the eval split"):]
+    for word in ("EfficientNet", "AST", "accuracy", "teacher", "student (KD)"):
+        assert word in table, table
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_optional_loggers_import_their_package_only_when_chosen() -> None:
+    import sys
+
+    from cmkd import plugins
+    from cmkd.registry import loggers
+
+    plugins.load_all()
+    assert {"tensorboard", "wandb", "mlflow"} <= set(loggers)
+    assert "wandb" not in sys.modules and "mlflow" not in sys.modules
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_chosen_logger_without_its_package_is_one_error_line(tmp_path: Path, name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(name) is not None:
+        pytest.skip(f"{name} is installed here; this checks the message when it is not")
+    cfg = write_gin(tmp_path / "exp.gin", TINY_AST, RUN.replace("tracked", "x"), f"train.loggers = [@loggers.{name}]")
+    result = run_cmkd(["run", cfg, "--run-dir", tmp_path / "runs", "--device", "cpu"], env=cmkd_env(tmp_path))
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"pip install {name}" in errors[0], result.describe()
+    assert not (tmp_path / "runs" / "x" / "teacher" / "checkpoints").exists()  # failed at the door
