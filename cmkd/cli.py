@@ -103,8 +103,8 @@ def registry(kind: Optional[str] = typer.Argument(None, help="one kind, e.g. bac
     from rich.table import Table
 
     from cmkd import plugins
-    from cmkd.registry import REGISTRIES
     from cmkd.console import out
+    from cmkd.registry import REGISTRIES
 
     statuses = plugins.load_all()
     kinds = [kind] if kind else list(REGISTRIES)

@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import gin
 from rich.markup import escape
 
-import gin
 from cmkd import checkpoint, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings, parsed_from
 from cmkd.console import console, out, table

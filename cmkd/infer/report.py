@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import gin
 import numpy as np
 import torch
 
-import gin
 from cmkd import checkpoint, config, storage
 from cmkd.data.manifest import ManifestError
 from cmkd.data.stream import SampleError, ShardError

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
 from cmkd.errors import CmkdError
 
 # Extensions of the containers libsndfile reads (soundfile.available_formats() plus common aliases).

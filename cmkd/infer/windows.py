@@ -16,8 +16,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cmkd.audio.io import AudioReader
-from cmkd.infer.sources import AudioSource, InferError
 from cmkd.console import console
+from cmkd.infer.sources import AudioSource, InferError
 
 REDUCTIONS = ("mean", "max")
 

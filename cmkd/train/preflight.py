@@ -6,10 +6,10 @@ import contextlib
 import inspect
 from typing import Any, Callable, Iterator
 
+import gin
 import torch
 from torch import nn
 
-import gin
 from cmkd import checkpoint, storage
 from cmkd.config import binding_location
 from cmkd.data.describe import is_builtin_synthetic

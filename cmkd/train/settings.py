@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import gin
+
 from cmkd.config import binding_location
 from cmkd.errors import ConfigError
 from cmkd.train.stage import CHECKPOINT_KINDS
