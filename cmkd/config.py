@@ -45,7 +45,8 @@ def resolve_recipe(path: str) -> Path:
     named = [path] if path.endswith(".gin") else [path, path + ".gin"]
     # A path under the checkout's gin/ link also names the shipped recipe, from any folder.
     inner = [n[len("gin/"):] for n in named if n.startswith("gin/")]
-    candidates = [Path(path)] + [recipes_dir() / n for n in named + inner] + [recipes_dir() / Path(named[-1]).name]
+    # No match by file name alone: `old/cnn_to_ast.gin` must not silently become the shipped cnn_to_ast.gin.
+    candidates = [Path(path)] + [recipes_dir() / n for n in named + inner]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()

@@ -21,12 +21,19 @@ def test_repo_gin_link_points_at_the_packaged_recipes():
     assert config.recipes_dir() == Path(config.__file__).resolve().parent / "recipes"
 
 
-@pytest.mark.parametrize("name", ["cnn_to_ast.gin", "cnn_to_ast", "gin/cnn_to_ast.gin", "esc50/cnn_to_ast"])
-def test_a_recipe_name_resolves_from_another_folder(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,shipped", [
+    ("cnn_to_ast.gin", "cnn_to_ast.gin"), ("cnn_to_ast", "cnn_to_ast.gin"), ("gin/cnn_to_ast.gin", "cnn_to_ast.gin"),
+    ("esc50/cnn_to_ast", "esc50/cnn_to_ast.gin"), ("gin/esc50/cnn_to_ast.gin", "esc50/cnn_to_ast.gin")])
+def test_a_recipe_name_resolves_from_another_folder(name, shipped, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = config.resolve_recipe(name)
-    assert found.parent.parent in (config.recipes_dir(), config.recipes_dir().parent)
-    assert found.name == "cnn_to_ast.gin" and found.is_file()
+    assert config.resolve_recipe(name) == (config.recipes_dir() / shipped).resolve()
+
+
+@pytest.mark.parametrize("name", ["old/cnn_to_ast.gin", "/no/such/checkout/gin/cnn_to_ast.gin", "esc50/nope"])
+def test_a_missing_file_is_an_error_not_a_shipped_namesake(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.resolve_recipe(name)
 
 
 def test_a_packaged_recipe_parses_with_its_includes_from_another_folder(tmp_path, monkeypatch):
