@@ -21,23 +21,31 @@ app = typer.Typer(
 )
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error (also: CMKD_DEBUG=1)")) -> None:
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error (also: CMKD_DEBUG=1)"),
+) -> None:
     if debug:
         os.environ["CMKD_DEBUG"] = "1"  # read where errors become one line; ranks launched later inherit it
 
 
 @app.command()
 def run(
-    configs: List[str] = typer.Argument(..., help="gin files or shipped recipe names (cnn_to_ast.gin, esc50/cnn_to_ast; "
+    configs: List[str] = typer.Argument(..., help="gin files or shipped recipe names "
+                                        "(cnn_to_ast.gin, esc50/cnn_to_ast; "
                                         "`cmkd recipes` lists them); later ones override earlier"),
     bind: List[str] = typer.Option([], "-b", "--bind", help="gin binding overriding the files, e.g. 'train.epochs=3'"),
     run_dir: str = typer.Option("runs", help="where runs/<experiment>/<stage>/ go (a path or fsspec URL)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="processes (GPUs) on this machine; >1 launches DDP"),
-    resume: bool = typer.Option(False, "--resume", help="continue stages that stopped part-way from their last checkpoint"),
-    max_restarts: int = typer.Option(0, "--max-restarts", help="restart all processes this often after a failure (torch elastic); restarts resume"),
-    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="with --resume: go on with settings that differ from last.pt's (recorded in the checkpoint and summary)"),
-    force_unlock: bool = typer.Option(False, "--force-unlock", help="take a stage folder's lock held by another (dead) run"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue stages that stopped part-way from their last checkpoint"),
+    max_restarts: int = typer.Option(
+        0, "--max-restarts", help="restart all processes this often after a failure (torch elastic); restarts resume"),
+    allow_config_change: bool = typer.Option(
+        False, "--allow-config-change",
+        help="with --resume: go on with settings that differ from last.pt's (recorded in the checkpoint and summary)"),
+    force_unlock: bool = typer.Option(
+        False, "--force-unlock", help="take a stage folder's lock held by another (dead) run"),
 ) -> None:
     """Run an experiment: every stage in order (a finished stage is reused), then compare them."""
     if (nproc_per_node > 1 or max_restarts > 0) and "LOCAL_RANK" not in os.environ:

@@ -11,10 +11,12 @@ from cmkd.commands.common import USER_ERRORS, deprecated_option, exit_code, fail
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
 
-RECIPE_HELP = "esc50, fsd50k, audioset, folder, or webdataset (adopt existing shards: SRC is their folder or brace pattern)"
+RECIPE_HELP = ("esc50, fsd50k, audioset, folder, or webdataset "
+               "(adopt existing shards: SRC is their folder or brace pattern)")
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--num-workers), smaller shards "
+OUT_OF_MEMORY = ("out of memory (MemoryError) while preparing; use fewer decode workers (--num-workers), "
+                 "smaller shards "
                  "(--shard-max-mb) or a machine with more RAM; no dataset.json was published, so rerun to start over")
 
 
@@ -28,29 +30,47 @@ def prepare(
     pad: bool = typer.Option(False, help="zero-pad shorter clips to --clip-seconds (readers pad anyway)"),
     shard_max_count: int = typer.Option(1000, help="at most this many clips per shard"),
     shard_max_mb: float = typer.Option(512.0, help="at most this many MiB per shard"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="decoding processes (0: in this process); default min(4, cores-1)"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="decoding processes (0: in this process); default min(4, cores-1)"),
     seed: int = typer.Option(0, help="seed of the clip order inside each split's shards"),
     name: Optional[str] = typer.Option(None, help="dataset name in dataset.json (default: the recipe's)"),
-    norm_split: List[str] = typer.Option([], "--norm-split", help="split(s) whose clips give the norm stats (default: the training split(s))"),
+    norm_split: List[str] = typer.Option(
+        [], "--norm-split", help="split(s) whose clips give the norm stats (default: the training split(s))"),
     overwrite: bool = typer.Option(False, help="replace a dataset already prepared at DEST"),
-    allow_missing: Optional[bool] = typer.Option(None, "--allow-missing", help="esc50/fsd50k/folder: leave out listed clips whose file is missing (counted) instead of stopping", show_default=False),
+    allow_missing: Optional[bool] = typer.Option(
+        None, "--allow-missing",
+        help="esc50/fsd50k/folder: leave out listed clips whose file is missing (counted) instead of stopping",
+        show_default=False),
     esc10: Optional[bool] = typer.Option(None, "--esc10", help="esc50: keep only the ESC-10 rows", show_default=False),
-    balanced: Optional[str] = typer.Option(None, help="audioset: balanced_train_segments.csv (default: SRC/balanced_train_segments.csv)"),
+    balanced: Optional[str] = typer.Option(
+        None, help="audioset: balanced_train_segments.csv (default: SRC/balanced_train_segments.csv)"),
     unbalanced: Optional[str] = typer.Option(None, help="audioset: unbalanced_train_segments.csv"),
     eval_csv: Optional[str] = typer.Option(None, "--eval", help="audioset: eval_segments.csv"),
-    labels: Optional[str] = typer.Option(None, help="audioset: class_labels_indices.csv (default: SRC/class_labels_indices.csv)"),
-    clip_pattern: Optional[str] = typer.Option(None, help="audioset: clip file name without extension, from {ytid} {start_s} {end_s} {start_ms} ... (default '{ytid}')"),
+    labels: Optional[str] = typer.Option(
+        None, help="audioset: class_labels_indices.csv (default: SRC/class_labels_indices.csv)"),
+    clip_pattern: Optional[str] = typer.Option(
+        None, help="audioset: clip file name without extension, from {ytid} {start_s} {end_s} {start_ms} ... "
+                   "(default '{ytid}')"),
     csv: Optional[str] = typer.Option(None, help="folder: the CSV file,labels[,split] (default SRC/labels.csv)"),
-    classes: Optional[str] = typer.Option(None, help="folder, webdataset: a text file with one class per line (folder default: the labels present)"),
-    multilabel: Optional[bool] = typer.Option(None, "--multilabel", help="folder: clips may carry several labels (sigmoid + BCE)", show_default=False),
-    eval_fraction: Optional[float] = typer.Option(None, help="folder without a split column: share of each class for 'eval' (default 0.1)"),
-    infer_classes: bool = typer.Option(False, "--infer-classes", help="webdataset: the classes are the sorted label names found (ids: '0'..'N-1')"),
-    audio_field: Optional[str] = typer.Option(None, help="webdataset: the audio field, e.g. flac or audio.flac (default: any audio field)"),
-    label_field: Optional[str] = typer.Option(None, help="webdataset: the label field, e.g. cls, txt, json, meta.json (default: json, cls, txt)"),
-    label_key: str = typer.Option("labels", help="webdataset: key path of the labels in a json field: labels, tags, label.names"),
-    split: List[str] = typer.Option([], "--split", help="webdataset: NAME=PATTERN, a brace pattern relative to SRC (repeatable)"),
+    classes: Optional[str] = typer.Option(
+        None, help="folder, webdataset: a text file with one class per line (folder default: the labels present)"),
+    multilabel: Optional[bool] = typer.Option(
+        None, "--multilabel", help="folder: clips may carry several labels (sigmoid + BCE)", show_default=False),
+    eval_fraction: Optional[float] = typer.Option(
+        None, help="folder without a split column: share of each class for 'eval' (default 0.1)"),
+    infer_classes: bool = typer.Option(
+        False, "--infer-classes", help="webdataset: the classes are the sorted label names found (ids: '0'..'N-1')"),
+    audio_field: Optional[str] = typer.Option(
+        None, help="webdataset: the audio field, e.g. flac or audio.flac (default: any audio field)"),
+    label_field: Optional[str] = typer.Option(
+        None, help="webdataset: the label field, e.g. cls, txt, json, meta.json (default: json, cls, txt)"),
+    label_key: str = typer.Option(
+        "labels", help="webdataset: key path of the labels in a json field: labels, tags, label.names"),
+    split: List[str] = typer.Option(
+        [], "--split", help="webdataset: NAME=PATTERN, a brace pattern relative to SRC (repeatable)"),
     norm_clips: int = typer.Option(200, help="webdataset: clips decoded for the normalization statistics"),
-    on_error: str = typer.Option("raise", help="webdataset: 'skip' leaves out (and lists) unusable members instead of stopping"),
+    on_error: str = typer.Option(
+        "raise", help="webdataset: 'skip' leaves out (and lists) unusable members instead of stopping"),
     workers: Optional[int] = deprecated_option("--workers"),
 ) -> None:
     """Decode a dataset release and write it as FLAC tar shards + dataset.json (with norm stats)."""

@@ -23,7 +23,8 @@ _ERRORS = (*USER_ERRORS, ValueError)
 
 def average(
     checkpoints: List[str] = typer.Argument(..., help="checkpoints of one model (e.g. runs/x/s/checkpoints/*.pt)"),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="where to write the averaged checkpoint (path or fsspec URL)"),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="where to write the averaged checkpoint (path or fsspec URL)"),
     out_old: Optional[str] = deprecated_option("--out"),
     allow_config_mismatch: bool = typer.Option(
         False, "--allow-config-mismatch", help="average checkpoints whose gin configs differ (same architecture)"),
@@ -50,8 +51,10 @@ def teacher_logits(
     train_split: List[str] = typer.Option(
         [], "--train-split", help="the dataset's training split(s), as gin's train_split (repeatable; default: train)"),
     output: Optional[str] = typer.Option(
-        None, "-o", "--output", help="the .npy to write, for one split (default <DATA>/teacher_logits/<name>/<split>.npy)"),
-    name: Optional[str] = typer.Option(None, help="the logits set's name (default <experiment>-<stage> of the teacher)"),
+        None, "-o", "--output",
+        help="the .npy to write, for one split (default <DATA>/teacher_logits/<name>/<split>.npy)"),
+    name: Optional[str] = typer.Option(
+        None, help="the logits set's name (default <experiment>-<stage> of the teacher)"),
     checkpoint: str = typer.Option("best", help="for a stage folder: best, last or averaged"),
     batch_size: int = typer.Option(32, "--batch-size"),
     num_workers: int = typer.Option(2, "--num-workers", help="data-loading processes (0: in this process)"),
@@ -94,7 +97,8 @@ def teacher_logits(
         train_splits, splits = _logits_splits(Manifest.load(data), data, list(train_split), list(split))
         if out and len(splits) > 1:
             raise ValueError(f"--output names one file but {len(splits)} splits are scored ({', '.join(splits)}); "
-                             f"drop --output (each split gets <DATA>/teacher_logits/<name>/<split>.npy) or give one --split")
+                             f"drop --output (each split gets <DATA>/teacher_logits/<name>/<split>.npy) "
+                             f"or give one --split")
         url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
@@ -103,7 +107,8 @@ def teacher_logits(
         targets = {s: out or default_logits_url(ds.root, name, s) for s in splits}
         for target in targets.values():  # refuse before scoring anything
             if not overwrite and (storage.exists(target) or storage.exists(keys_url(target))):
-                raise ValueError(f"{target} already exists; pass --overwrite to replace it, or --name/--output to write elsewhere")
+                raise ValueError(f"{target} already exists; pass --overwrite to replace it, "
+                                 f"or --name/--output to write elsewhere")
         for s, target in targets.items():
             keys, logits = compute_teacher_logits(teacher, ds, s, batch_size, dev, amp)
             meta = dict(split=s, classes=list(teacher.classes), multilabel=teacher.multilabel, checkpoint=url,
@@ -120,7 +125,9 @@ def teacher_logits(
                   highlight=False)
 
 
-def _logits_splits(manifest: object, data: str, train_split: list[str], split: list[str]) -> tuple[list[str], list[str]]:
+def _logits_splits(
+    manifest: object, data: str, train_split: list[str], split: list[str],
+) -> tuple[list[str], list[str]]:
     """(the dataset's training splits, the splits to score): --train-split defaults to `train`, else to --split;
     --split defaults to the training splits. A dataset without `train` (ESC-50's folds) must name them."""
     have = sorted(manifest.splits)  # type: ignore[attr-defined]

@@ -17,13 +17,19 @@ def register(app: typer.Typer) -> None:
 
 
 def import_model(
-    source: str = typer.Argument(..., help="hub id (MIT/ast-finetuned-audioset-10-10-0.4593), HF folder, or .pth; any fsspec URL"),
+    source: str = typer.Argument(
+        ..., help="hub id (MIT/ast-finetuned-audioset-10-10-0.4593), HF folder, or .pth; any fsspec URL"),
     output: str = typer.Option(..., "-o", "--output", help="the cmkd checkpoint to write (.pt; any fsspec URL)"),
     fmt: str = typer.Option("auto", "--format", "-f", help="auto, hf, ast (AST release .pth) or psla"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="class names for release files: one per line, or class_labels_indices.csv"),
-    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="AST release: attention heads (default width/64, as DeiT)"),
-    target_frames: Optional[int] = typer.Option(None, "--target-frames", help="release files: input frames (default from the positional grid)"),
-    multilabel: Optional[bool] = typer.Option(None, "--multilabel/--single-label", help="sigmoid or softmax outputs (default: from the source; 527 classes = multi-label)"),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="class names for release files: one per line, or class_labels_indices.csv"),
+    num_heads: Optional[int] = typer.Option(
+        None, "--num-heads", help="AST release: attention heads (default width/64, as DeiT)"),
+    target_frames: Optional[int] = typer.Option(
+        None, "--target-frames", help="release files: input frames (default from the positional grid)"),
+    multilabel: Optional[bool] = typer.Option(
+        None, "--multilabel/--single-label",
+        help="sigmoid or softmax outputs (default: from the source; 527 classes = multi-label)"),
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
 ) -> None:
     """Convert a pretrained model into a self-describing cmkd checkpoint (classes, front end, normalization)."""

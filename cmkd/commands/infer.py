@@ -20,7 +20,8 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 FORMAT_HELP = "table, json or csv (default: from --output's suffix, else table)"
 FORMATS = ("table", "json", "csv")
 WORKERS_HELP = "data-loading processes (0: in this process)"
-CLIP_HELP = "run the model on clips of this many seconds (an AST's positional embedding is resized; CNNs take any length)"
+CLIP_HELP = ("run the model on clips of this many seconds "
+             "(an AST's positional embedding is resized; CNNs take any length)")
 
 
 def register(app: typer.Typer) -> None:
@@ -163,7 +164,8 @@ def predict(
     failed = found.missing + [(p.path, p.error) for p in preds if p.error is not None]
     ok = [p for p in preds if p.error is None]
     _report_failures(failed, len(ok), "scored")
-    _emit(predicting.render(fmt, model, settings, preds + [predicting.Prediction(m, m, 0.0, 0, None, why) for m, why in found.missing],
+    _emit(predicting.render(fmt, model, settings, preds + [predicting.Prediction(m, m, 0.0, 0, None, why)
+                                                           for m, why in found.missing],
                    min(top_k, len(model.classes))), output)
 
 
@@ -234,9 +236,12 @@ def embed(
 
 def export(
     checkpoint: str = typer.Argument(..., help="a checkpoint (.pt) or a stage folder runs/<exp>/<stage>"),
-    fmt: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, or hf (a transformers folder for ASTs, timm for CNNs)"),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="file to write (default: next to the checkpoint)"),
-    clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help="input length in seconds (default: the model's clip length)"),
+    fmt: str = typer.Option(
+        ..., "--format", "-f", help="onnx, torchscript, or hf (a transformers folder for ASTs, timm for CNNs)"),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="file to write (default: next to the checkpoint)"),
+    clip_seconds: Optional[float] = typer.Option(
+        None, "--clip-seconds", help="input length in seconds (default: the model's clip length)"),
     overwrite: bool = typer.Option(False, help="replace an existing file"),
 ) -> None:
     """Export waveform → probabilities (fbank front end included) as ONNX or TorchScript."""
@@ -279,11 +284,13 @@ def export(
 
 def report(
     run_dir: str = typer.Argument(..., help="a run folder runs/<experiment> or one stage folder in it"),
-    data: Optional[str] = typer.Option(None, help="dataset root for the confusion matrix (default: the stage's own dataset)"),
+    data: Optional[str] = typer.Option(
+        None, help="dataset root for the confusion matrix (default: the stage's own dataset)"),
     split: Optional[str] = typer.Option(None, help="split for the confusion matrix (default: the eval split)"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="the folder to write (default: RUN_DIR/report)"),
     out_old: Optional[str] = deprecated_option("--out"),
-    confusion: bool = typer.Option(True, "--confusion/--no-confusion", help="predict the eval split for confusion matrices"),
+    confusion: bool = typer.Option(
+        True, "--confusion/--no-confusion", help="predict the eval split for confusion matrices"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:

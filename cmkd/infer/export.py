@@ -138,7 +138,8 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: str, meta: dic
                                         output_names=["probabilities"], dynamic_shapes=({0: batch},))
         except Exception as err:  # name the failing op for a bug report instead of a 200-line trace
             last = (chatter.getvalue().strip().splitlines() or [""])[-1]
-            raise InferError(f"ONNX export failed at {last!r} ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+            raise InferError(f"ONNX export failed at {last!r} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
                              f"try --format torchscript and report this at the cmkd issue tracker") from None
         program.save(path, external_data=big)
     proto = onnx.load(path, load_external_data=False)

@@ -76,7 +76,8 @@ def _transformers_files(model: LoadedModel):
     names = list(model.classes)
     config = ASTConfig(
         hidden_size=backbone.embed_dim, num_hidden_layers=len(backbone.blocks),
-        num_attention_heads=backbone.blocks[0].attn.num_heads, intermediate_size=backbone.blocks[0].mlp.fc1.out_features,
+        num_attention_heads=backbone.blocks[0].attn.num_heads,
+        intermediate_size=backbone.blocks[0].mlp.fc1.out_features,
         patch_size=backbone.patch, frequency_stride=backbone.stride,
         time_stride=backbone.stride, max_length=fb.target_frames, num_mel_bins=fb.n_mels,
         # One eps for every LayerNorm in transformers: the backbone's (the head's differs by < 1e-6 relative).

@@ -197,7 +197,8 @@ def _confusion(s: Stage, rep: Report, data: str | None, split: str | None, devic
         ds = _dataset_from_config(s)
         data = getattr(ds, "root", None)
         if data is None:
-            raise InferError(f"{s.name}: its dataset {type(ds).__name__} has no root folder; pass --data <dataset root>")
+            raise InferError(f"{s.name}: its dataset {type(ds).__name__} has no root folder; "
+                             f"pass --data <dataset root>")
         split = split or getattr(ds, "eval_split", None)
     chosen = open_split(data, split)
     check_compatible([model], [url], chosen, data)

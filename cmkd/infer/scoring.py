@@ -142,14 +142,16 @@ def report(preds: Predictions, models: Sequence[LoadedModel], urls: Sequence[str
 
 
 def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)
+    return ("-" if v is None or (isinstance(v, float) and np.isnan(v))
+            else f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def tables(result: dict[str, Any]) -> list[Table]:
     """A summary (members + ensemble) and a per-class table, for people."""
     names = ["mAP", "mAUC", "d_prime"] + ([] if result["multilabel"] else ["accuracy"])
     # Paths, split and class names are text, never rich markup ("[fold5]" would vanish).
-    summary = Table(title=escape(f"{result['data']} [{result['split']}]: {result['samples']} clips"), title_style="bold")
+    summary = Table(title=escape(f"{result['data']} [{result['split']}]: {result['samples']} clips"),
+                    title_style="bold")
     summary.add_column("model")
     for n in names:
         summary.add_column(n.replace("d_prime", "d′"), justify="right")

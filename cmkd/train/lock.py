@@ -34,7 +34,8 @@ class StageLocked(CheckpointError):
 
 
 def _holder_text() -> tuple[str, dict[str, Any]]:
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
           "token": uuid.uuid4().hex}
     return json.dumps(me), me
 

@@ -65,7 +65,8 @@ class TensorBoardLogger:
 
         self.target = stage_dir
         # SummaryWriter writes local files only: a bucket's stage folder gets them at each epoch's end
-        self.local = storage.local_path(stage_dir) if storage.is_local(stage_dir) else tempfile.mkdtemp(prefix="cmkd-tb-")
+        self.local = (storage.local_path(stage_dir) if storage.is_local(stage_dir)
+                      else tempfile.mkdtemp(prefix="cmkd-tb-"))
         # purge_step: a resumed stage drops the events the interrupted run wrote past its checkpoint
         self.writer = SummaryWriter(self.local, purge_step=start_step or None, flush_secs=flush_secs)
 
@@ -85,7 +86,8 @@ class TensorBoardLogger:
         metric = summary.get("metric")
         if metric and f"eval_{metric}" in best:
             self.writer.add_text("summary", f"best eval {metric} {best[f'eval_{metric}']:.4f} "
-                                            f"at epoch {best.get('epoch')}", int(summary.get("last", {}).get("step", 0)))
+                                            f"at epoch {best.get('epoch')}",
+                                 int(summary.get("last", {}).get("step", 0)))
 
     def add_image_png(self, tag: str, png: bytes, step: int = 0) -> None:
         """A report figure (curves, confusion matrix) as an image."""
@@ -209,7 +211,8 @@ def log_report_figures(report_dir: str, figures: list[str]) -> None:
     board = TensorBoardLogger(report_dir)
     try:
         for name in figures:
-            board.add_image_png(f"report/{name.removesuffix('.png')}", storage.read_bytes(storage.join(report_dir, name)))
+            board.add_image_png(f"report/{name.removesuffix('.png')}",
+                                storage.read_bytes(storage.join(report_dir, name)))
     finally:
         board.close()
 

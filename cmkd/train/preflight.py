@@ -108,7 +108,8 @@ def preflight(ctx: StageContext, settings: TrainSettings,
     factory = s.strategy or strategies.get("none")
     params = inspect.signature(factory).parameters if callable(factory) else {}
     if "load_teacher" not in params and "load_logits" not in params:
-        return {"classes": list(ds.classes), "teachers": refs, "synthetic": is_builtin_synthetic(ds)}  # no teachers to check; build it at the stage
+        # no teachers to check; build it at the stage
+        return {"classes": list(ds.classes), "teachers": refs, "synthetic": is_builtin_synthetic(ds)}
     try:  # offline_kd: its stored logits (keys + .npy header, not the rows) and train.mixup = 0, checked now
         call_with_context(factory, loss=build_loss(s.loss, ds.multilabel), multilabel=ds.multilabel,
                           load_teacher=check_teacher, load_logits=check_teacher_logits, device=torch.device("cpu"),

@@ -41,7 +41,8 @@ class Trainer:
         s, env = settings, ctx.env
         self.ctx, self.s, self.env, self.device = ctx, settings, env, env.device
         seed_everything(s.seed + env.rank)
-        ds = s.dataset if not callable(s.dataset) or hasattr(s.dataset, "train_loader") else call_with_context(s.dataset)
+        ds = (s.dataset if not callable(s.dataset) or hasattr(s.dataset, "train_loader")
+              else call_with_context(s.dataset))
         self.ds = ds
         norm = (ds.norm.mean, ds.norm.std) if ds.norm else None
         self.featurizer = build_frontend(sample_rate=ds.sample_rate, dataset_norm=norm).to(self.device)
@@ -115,11 +116,13 @@ class Trainer:
             )
             console.print(f"  {escape(describe_dataset(self.ds))}", highlight=False)
         if env.is_main:  # only rank 0 logs
-            self.loggers = loggers.build_loggers(s.loggers, stage_dir=self.ctx.stage_dir, experiment=self.ctx.experiment,
+            self.loggers = loggers.build_loggers(s.loggers, stage_dir=self.ctx.stage_dir,
+                                                 experiment=self.ctx.experiment,
                                                  stage=self.ctx.stage, config_text=self.ctx.config_text,
                                                  start_step=pos.step)
         try:
-            with TrainProgress(f"{self.ctx.stage}", self.total_steps, enabled=env.is_main, every=s.log_every) as self.bar:
+            with TrainProgress(f"{self.ctx.stage}", self.total_steps, enabled=env.is_main,
+                               every=s.log_every) as self.bar:
                 self.bar.start_from(pos.step)
                 for epoch in range(pos.epoch, s.epochs):
                     self.train_epoch(epoch)
@@ -168,7 +171,8 @@ class Trainer:
         wave = batch["wave"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         # the batch's views from (seed, epoch, key): online, teacher-logits --views and replay agree by construction
-        views = draw_views(batch["key"], epoch if view_epoch is None else view_epoch, s.seed, self.mix, self.specaug, self.featurizer.out_shape)
+        views = draw_views(batch["key"], epoch if view_epoch is None else view_epoch, s.seed,
+                           self.mix, self.specaug, self.featurizer.out_shape)
         wave, target = views.mix(wave, target)
         replay = getattr(self.strategy, "replay", None)
         if replay is not None:  # replay_kd: picks this batch's stored logits and checks the stored views
