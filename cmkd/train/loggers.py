@@ -60,6 +60,8 @@ def step_scalars(trainer: Any, logs: dict[str, float]) -> dict[str, float]:
 class TensorBoardLogger:
     """TensorBoard event files in the stage folder (``tensorboard --logdir runs/``)."""
 
+    requires = "tensorboard"  # a core dependency; checked anyway, as a broken install is a user's problem too
+
     def __init__(self, stage_dir: str, start_step: int = 0, flush_secs: int = 30):
         from torch.utils.tensorboard import SummaryWriter  # late: only when chosen
 
@@ -183,7 +185,8 @@ def build_loggers(chosen: Any, **context: Any) -> list[Any]:
 
 def check_loggers(chosen: Any) -> None:
     """At the door (preflight): each chosen logger's optional package is installed."""
-    items = [] if chosen is None else [chosen] if callable(chosen) or isinstance(chosen, str) else list(chosen)
+    items = ([TensorBoardLogger] if chosen is None  # None: the default, TensorBoard
+             else [chosen] if callable(chosen) or isinstance(chosen, str) else list(chosen))
     for item in items:
         if isinstance(item, str):
             item = loggers.get(item)
