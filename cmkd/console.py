@@ -62,7 +62,8 @@ class TrainProgress:
         rate = self._clips / max(1e-9, time.perf_counter() - self._t0)
         self._progress.update(self._task, advance=1, loss=loss, rate=rate, info=info)
         if self.plain and (self._done % self.every == 0 or self._done == self.total):
-            console.print(self.line(loss, rate, info), markup=False, highlight=False)
+            # one record, one line, whatever the log's width: logs are read by grep and parsers
+            console.print(self.line(loss, rate, info), markup=False, highlight=False, soft_wrap=True)
 
     def line(self, loss: float, rate: float, info: str) -> str:
         """The plain progress line of a non-terminal log: ``stage step/total loss clips/s … ETA``."""

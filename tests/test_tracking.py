@@ -3,6 +3,7 @@ own reader), plain progress lines in a non-terminal log, and 80-column output th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_a_non_terminal_log_gets_plain_progress_lines_every_log_every_steps(trac
     lines = [line for line in result.stderr.splitlines() if line.startswith(("teacher ", "student "))
              and " clips/s" in line and "ETA" in line]
     assert [line.split()[1] for line in lines if line.startswith("teacher ")] == ["2/4", "4/4"], result.stderr[-3000:]
+    assert all(re.search(r"ETA \d+:\d\d:\d\d$", line) for line in lines), lines  # never wrapped at 80 columns
 
 
 def test_80_columns_cut_no_name(tracked) -> None:
