@@ -194,7 +194,7 @@ class _SkipDelta:
         return new
 
 
-class Loader:
+class StreamLoader:
     """A DataLoader over a stream; ``len()`` is known for training and checked after the epoch."""
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, *, num_workers: int, prefetch_factor: int,

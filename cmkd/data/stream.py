@@ -29,7 +29,7 @@ from cmkd.audio.io import AudioError, load_audio
 from cmkd.data.labels import LabelProblem, LabelSpec, raw_labels, resolve_labels
 from cmkd.data.manifest import Manifest, ManifestError
 from cmkd.data.members import AUDIO_FIELDS, FORMAT_VERSION, find_audio_field, member_splitter, split_member
-from cmkd.data.sampling import BalancedRejection, EvalStream, Loader, TrainStream
+from cmkd.data.sampling import BalancedRejection, EvalStream, StreamLoader, TrainStream
 from cmkd.data.shardlist import Chained
 from cmkd.errors import CmkdError
 from cmkd.registry import datasets
@@ -456,7 +456,7 @@ class ShardDataset:
         return max(1, math.ceil(self.train_samples / (batch_size * world_size)))
 
     def train_loader(self, batch_size: int, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                     start_step: int = 0, resume: dict[int, str] | None = None) -> Loader:
+                     start_step: int = 0, resume: dict[int, str] | None = None) -> StreamLoader:
         """Exactly ``steps_per_epoch(batch_size, world_size)`` batches on every rank.
 
         ``start_step``/``resume`` continue an epoch from a checkpoint: the batches' ``stream_state``
@@ -478,11 +478,12 @@ class ShardDataset:
                              seed=seed, epoch=epoch, rank=rank, shuffle_buffer=self.shuffle_buffer,
                              balance=self.balance, split_samples=self.train_samples, start_step=start_step,
                              resume=resume)
-        return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+        return StreamLoader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                       length=steps - start_step,
                       what=f"train loader of {self.root} (rank {rank})")
 
-    def eval_loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1, split: str | None = None) -> Loader:
+    def eval_loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                    split: str | None = None) -> StreamLoader:
         """Every sample of the eval split exactly once across ranks; the last batch may be short."""
         _check_rank(rank, world_size)
         split = split or self.eval_split
@@ -492,7 +493,7 @@ class ShardDataset:
         urls = self.manifest.shard_urls(split, max_shards=self.max_shards)
         stream = EvalStream(urls, self._reader(), self._decoder("start"), batch_size=batch_size, rank=rank,
                             world_size=world_size)
-        return Loader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+        return StreamLoader(stream, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                       what=f"eval loader of {self.root} (rank {rank})")
 
 

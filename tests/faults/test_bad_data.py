@@ -185,10 +185,10 @@ def test_raise_names_the_shard_and_the_key(bad_root, kind, key, shard):
 
     url = f"{root}/train-{shard:06d}.tar"
     stream = EvalStream([url], ds._reader(), ds._decoder("start"), batch_size=4, rank=0, world_size=1)
-    from cmkd.data.sampling import Loader
+    from cmkd.data.sampling import StreamLoader
 
     with pytest.raises((SampleError, ShardError)) as err:
-        list(Loader(stream, num_workers=1, prefetch_factor=2))  # raised in a worker, re-raised here
+        list(StreamLoader(stream, num_workers=1, prefetch_factor=2))  # raised in a worker, re-raised here
     message = worker_error_message(err.value)
     assert "Traceback" not in message and url in message and repr(key) in message, message
     if kind == "shard":
