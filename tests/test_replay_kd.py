@@ -26,7 +26,9 @@ def _run(runs: Path, data: Path, *bindings: str, resume: bool = False) -> dict:
     from cmkd.experiment import run_experiment
     from cmkd.train.distributed import DistEnv
 
-    base = [*TINY_AST.strip().splitlines(), "experiment.name = 'eq'", "train.dataset = @datasets.synthetic",
+    # as -b bindings, not a file: an unused macro (TINY_AST's PRETRAINED) would be refused
+    tiny = [line for line in TINY_AST.strip().splitlines() if not line.startswith("PRETRAINED")]
+    base = [*tiny, "experiment.name = 'eq'", "train.dataset = @datasets.synthetic",
             f"datasets.synthetic.root = '{data}'", "datasets.synthetic.num_classes = 4",
             "datasets.synthetic.train_samples = 10", "datasets.synthetic.eval_samples = 4",
             "datasets.synthetic.clip_seconds = 0.5", "datasets.synthetic.shard_size = 4",
