@@ -25,6 +25,7 @@ from rich.markup import escape
 from cmkd import storage
 from cmkd.checkpoint import CheckpointError
 from cmkd.console import console
+from cmkd.data.replace import pid_alive  # the same liveness test as stale temp files
 
 LOCK_NAME = "run.lock"
 
@@ -52,16 +53,6 @@ def _read(url: str) -> dict[str, Any]:
         return {}  # half-written by a process killed mid-write, or removed meanwhile
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
 def describe(holder: dict[str, Any]) -> str:
     return (f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, started {holder.get('started', '?')}")
 
@@ -79,7 +70,7 @@ def stage_lock(directory: str, force: bool = False, enabled: bool = True) -> Ite
         if _create_exclusive(url, text):
             break
         holder = _read(url)
-        stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+        stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"])
         if not (stale or force):
             raise StageLocked(
                 f"stage folder {directory} is in use by another run ({describe(holder)}); wait for it to finish, "
