@@ -17,6 +17,12 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def printed(capsys) -> str:
+    """What cmkd printed (its console writes notes and warnings to stderr), whitespace-normalized."""
+    captured = capsys.readouterr()
+    return flat(captured.out + captured.err)
+
+
 class InProcess:
     """``run(gin text, ...)``: parse a config and run the experiment in this process, like
     ``cmkd run`` (same parse, same run_experiment), minus the report's figures."""

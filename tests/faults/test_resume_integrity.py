@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import flat
+from faultkit import flat, printed
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-def _printed(capsys) -> str:
-    """What cmkd printed (its console writes notes and warnings to stderr), whitespace-normalized."""
-    captured = capsys.readouterr()
-    return flat(captured.out + captured.err)
 
 DATA = """
 experiment.name = 'res'
@@ -69,7 +64,7 @@ def test_resume_rebuilds_a_best_pt_an_older_run_lost(inprocess, capsys):
     (stage / "summary.json").unlink()
     inprocess.run(DATA, resume=True)
     assert (stage / "checkpoints" / "best.pt").exists()
-    assert "rebuilt it from last.pt" in _printed(capsys)
+    assert "rebuilt it from last.pt" in printed(capsys)
 
 
 def test_a_finished_teacher_without_best_pt_gets_the_right_advice(inprocess):
@@ -127,7 +122,7 @@ def test_allow_config_change_applies_and_records_it_and_harmless_changes_pass(in
     finally:
         with gin.unlock_config():
             gin.clear_config()
-    out = _printed(capsys)
+    out = printed(capsys)
     assert "train.log_every: (unset) → 3" in out and "train.epochs: 1 → 2" in out, out
     metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["lr"] == pytest.approx(0.5)  # the new lr trains
@@ -142,7 +137,7 @@ def test_credentials_bound_in_gin_are_saved_nowhere(inprocess, capsys):
     summaries = inprocess.run(DATA, binds=["datasets.webdataset.storage_options = {'key': 'AKIAFAKE', "
                                            "'secret': 's3cr3t', 'client_kwargs': {'region_name': 'x'}}"])
     assert summaries["main"]["finished"]
-    out = _printed(capsys)
+    out = printed(capsys)
     assert "webdataset.storage_options hold credentials" in out and "through the environment" in out, out
     files = [p for p in inprocess.runs.rglob("*") if p.is_file()]
     assert any(p.name == "best.pt" for p in files) and any(p.name == "config.gin" for p in files)

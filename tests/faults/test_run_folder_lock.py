@@ -16,16 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import FAULTS_DIR, flat
+from faultkit import FAULTS_DIR, flat, printed
 from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-def _printed(capsys) -> str:
-    """What cmkd printed (its console writes notes and warnings to stderr), whitespace-normalized."""
-    captured = capsys.readouterr()
-    return flat(captured.out + captured.err)
 
 DATA = """
 experiment.name = 'locked'
@@ -95,7 +90,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(inprocess, capsys):
     _write_lock(stage, socket.gethostname(), _dead_pid())
     summaries = inprocess.run(DATA)
     assert summaries["main"]["finished"] and not (stage / "run.lock").exists()
-    assert "taking over the lock" in _printed(capsys)
+    assert "taking over the lock" in printed(capsys)
 
 
 def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
@@ -119,7 +114,7 @@ def test_a_live_lock_refuses_and_force_unlock_takes_it(inprocess, capsys):
         with gin.unlock_config():
             gin.clear_config()
     assert summaries["main"]["finished"] and not lock.exists()
-    assert "--force-unlock" in _printed(capsys)
+    assert "--force-unlock" in printed(capsys)
 
 
 def test_the_lock_is_released_when_the_stage_fails(inprocess):
