@@ -148,3 +148,18 @@ def test_student_without_views_is_refused(made: dict) -> None:
     res = CliRunner().invoke(app, ["teacher-logits", str(made["teacher"]), str(made["data"]), "--student",
                                    made["gin"]], terminal_width=300)
     assert res.exit_code == 2 and "without --views nothing uses them" in " ".join(res.output.split()), res.output
+
+
+def test_the_docs_show_what_the_command_prints_for_the_shipped_recipe() -> None:
+    """docs/distillation.md shows step 2's settings for gin/fsd50k/cnn_to_ast.gin: the same lines as read now."""
+    from docs_examples import ROOT, blocks
+
+    from cmkd.commands import view_flags
+
+    shown = next(b.code for b in blocks(ROOT / "docs" / "distillation.md")
+                 if b.lang == "text" and b.code.startswith("view settings (stage 'student' of gin/fsd50k/"))
+    components.load_all()
+    _, lines = view_flags.resolve(dict(world_size=4), ["gin/fsd50k/cnn_to_ast.gin"],
+                                  ["DATA_ROOT='s3://bucket/fsd50k'"], "student")
+    assert shown.splitlines() == lines
+    assert gin.config_str() == ""  # the caller's (empty) config is back

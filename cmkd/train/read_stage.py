@@ -105,7 +105,7 @@ def _setting(configurable: str, name: str, bound: dict[str, Any], default: Any, 
              sources: list[tuple[str, list[str]]] | None) -> Setting:
     if name not in bound:
         return Setting(default, f"default of {configurable}.{name}")
-    where = config.binding_location(configurable, name, stage, sources) or "the config"
+    where = _shown(config.binding_location(configurable, name, stage, sources) or "the config")
     value = bound[name]
     if isinstance(value, ConfigurableReference):
         if value.configurable.selector != "gin.macro":
@@ -113,3 +113,9 @@ def _setting(configurable: str, name: str, bound: dict[str, Any], default: Any, 
                               f"give the value itself as a flag")
         value = copy.deepcopy(value)  # a macro (%AST_BATCH): evaluating it gives its value
     return Setting(value, where)
+
+
+def _shown(where: str) -> str:
+    """A shipped recipe's file as `cmkd run` users name it (gin/data/fsd50k.gin:25), not its install path."""
+    recipes = str(config.recipes_dir()) + "/"
+    return "gin/" + where[len(recipes):] if where.startswith(recipes) else where
