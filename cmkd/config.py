@@ -134,12 +134,13 @@ def parsed_from(name: str) -> bool:
     return any(source.replace("\\", "/").endswith("/" + name) for source, _ in _SOURCES if source != "--bind")
 
 
-def binding_location(configurable: str, param: str, scope: str | None = None) -> str | None:
-    """Where the last parse bound ``[scope/]configurable.param``: "file:line" or "--bind '...'"
-    (the last binding wins, as in gin; a scoped one over an unscoped one)."""
+def binding_location(configurable: str, param: str, scope: str | None = None,
+                     sources: Sequence[tuple[str, list[str]]] | None = None) -> str | None:
+    """Where the last parse (or ``sources``: (name, lines) pairs) bound ``[scope/]configurable.param``:
+    "file:line" or "--bind '...'" (the last binding wins, as in gin; a scoped one over an unscoped one)."""
     found: dict[bool, str] = {}
     pattern = re.compile(rf"^\s*(?:([\w.]+)/)?{re.escape(configurable)}\.{re.escape(param)}\s*=")
-    for source, lines in _SOURCES:
+    for source, lines in (_SOURCES if sources is None else sources):
         for number, line in enumerate(lines, 1):
             match = pattern.match(line)
             if match and match.group(1) in (None, scope):
@@ -205,6 +206,17 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
     it must pass :func:`cmkd.saved_config.check` (``source`` names it in errors).
     """
     saved_config.check(config_text, source)
+    with preserved():
+        with gin.unlock_config():
+            gin.clear_config()
+            gin.parse_config(config_text)
+        with gin.config_scope(None), gin.config_scope(scope):
+            yield
+
+
+@contextlib.contextmanager
+def preserved() -> Iterator[None]:
+    """Whatever the block parses into gin, the caller's config is back afterwards."""
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
     saved = (
         {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001
@@ -213,11 +225,7 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
         dict(cfg._SINGLETONS),  # noqa: SLF001
     )
     try:
-        with gin.unlock_config():
-            gin.clear_config()
-            gin.parse_config(config_text)
-        with gin.config_scope(None), gin.config_scope(scope):
-            yield
+        yield
     finally:
         with gin.unlock_config():
             gin.clear_config()

@@ -56,31 +56,43 @@ def teacher_logits(
     name: Optional[str] = typer.Option(
         None, help="the logits set's name (default <experiment>-<stage> of the teacher)"),
     checkpoint: str = typer.Option("best", help="for a stage folder: best, last or averaged"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    num_workers: int = typer.Option(2, "--num-workers", help="data-loading processes (0: in this process)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 32, or --student's"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="data-loading processes (0: in this process; default 2, or --student's)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA (default: exact fp32 logits)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing logits of that name and split"),
     views: int = typer.Option(0, "--views", help="K > 0: score K epochs of augmented training views for "
                               "strategies.replay_kd (a view store under <DATA>/teacher_views/<name>)"),
-    seed: int = typer.Option(0, "--seed", help="--views: the student stage's train.seed"),
-    world_size: int = typer.Option(1, "--world-size", help="--views: the student run's number of processes"),
-    mixup: float = typer.Option(0.0, "--mixup", help="--views: the student stage's train.mixup"),
-    mixup_alpha: float = typer.Option(10.0, "--mixup-alpha", help="--views: train.mixup_alpha"),
-    freqm: int = typer.Option(0, "--freqm", help="--views: train.freqm"),
-    timem: int = typer.Option(0, "--timem", help="--views: train.timem"),
+    student: List[str] = typer.Option(
+        [], "--student", help="--views: the student's gin file(s) or recipe (as for cmkd run; or a run's stage "
+        "folder, whose saved config.gin is read): its train.* view settings, so the store matches it"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="--student: the stage (default: the last one)"),
+    bind: List[str] = typer.Option([], "-b", "--bind", help="--student: a gin binding, as for cmkd run"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="--views: the student stage's train.seed"),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="--views: the student run's processes"),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="--views: the student stage's train.mixup"),
+    mixup_alpha: Optional[float] = typer.Option(None, "--mixup-alpha", help="--views: train.mixup_alpha"),
+    freqm: Optional[int] = typer.Option(None, "--freqm", help="--views: train.freqm"),
+    timem: Optional[int] = typer.Option(None, "--timem", help="--views: train.timem"),
     dtype: str = typer.Option("float16", "--dtype", help="--views: float16 or float32 logits"),
     topk: int = typer.Option(0, "--topk", help="--views: keep only the k largest logits per view (0: all)"),
     out_old: Optional[str] = deprecated_option("--out"),
 ) -> None:
     """Score split(s) once with a teacher and store its logits for strategies.offline_kd (or, with --views K,
-    K epochs of augmented training views for strategies.replay_kd)."""
+    K epochs of augmented training views for strategies.replay_kd; --student reads their settings from
+    the student's config, flags override)."""
+    out = prefer(output, out_old, "--out")
+    flags = dict(seed=seed, batch_size=batch_size, world_size=world_size, num_workers=num_workers, mixup=mixup,
+                 mixup_alpha=mixup_alpha, freqm=freqm, timem=timem, train_split=list(train_split))
     if views:
-        return _teacher_views(run_or_ckpt, data, prefer(output, out_old, "--out"), name, checkpoint, batch_size,
-                              num_workers, device, overwrite, views,
-                              dict(seed=seed, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
-                                   mixup=mixup, mixup_alpha=mixup_alpha, freqm=freqm, timem=timem),
-                              dtype, topk, list(train_split) or ["train"])
+        return _teacher_views(run_or_ckpt, data, out, name, checkpoint, device, overwrite, views, flags,
+                              (list(student), list(bind), stage), dtype, topk)
+    given = [f for f, v in (("--student", student), ("--stage", stage), ("-b/--bind", bind)) if v]
+    if given:
+        fail(f"{', '.join(given)}: these read the student's settings for --views K; without --views nothing uses them")
+    batch_size = 32 if batch_size is None else batch_size
+    num_workers = 2 if num_workers is None else num_workers
     from cmkd import plugins, storage
     from cmkd.checkpoint import resolve
     from cmkd.console import console
@@ -90,7 +102,6 @@ def teacher_logits(
     from cmkd.distill.offline import compute_teacher_logits, default_logits_url, keys_url, save_teacher_logits
     from cmkd.models.factory import load_model
 
-    out = prefer(output, out_old, "--out")
     plugins.load_all()  # the teacher's config may name plugin components
     written: list[str] = []
     try:
@@ -144,13 +155,14 @@ def _logits_splits(
 
 
 def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Optional[str], checkpoint: str,
-                   batch_size: int, num_workers: int, device: str, overwrite: bool, views: int,
-                   settings: dict, dtype: str, topk: int, train_split: list[str]) -> None:
-    """`teacher-logits --views K`: the view store for strategies.replay_kd."""
+                   device: str, overwrite: bool, views: int, flags: dict, student: tuple,
+                   dtype: str, topk: int) -> None:
+    """`teacher-logits --views K`: the view store for strategies.replay_kd. ``student``: (--student, -b, --stage)."""
     import time
 
     from cmkd import plugins, storage
     from cmkd.checkpoint import resolve
+    from cmkd.commands import view_flags
     from cmkd.console import console
     from cmkd.data.stream import webdataset
     from cmkd.device import pick_device
@@ -159,14 +171,16 @@ def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Option
 
     plugins.load_all()
     try:
+        settings, told = view_flags.resolve(flags, *student)
         if views < 0 or settings["world_size"] < 1 or topk < 0 or dtype not in ("float16", "float32"):
             raise ValueError(f"--views {views}, --world-size {settings['world_size']}, --topk {topk}, --dtype {dtype}: "
                              f"need --views >= 1, --world-size >= 1, --topk >= 0 and --dtype float16 or float32")
+        console.print("\n".join(told), markup=False, highlight=False)
         url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
         name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
-        ds = webdataset(data, train_split=train_split, num_workers=num_workers)
+        ds = webdataset(data, train_split=settings.pop("train_split"), num_workers=settings["num_workers"])
         target = out or default_views_url(ds.root, name)
         if not overwrite and storage.exists(storage.join(target, MANIFEST)):
             raise ValueError(f"{target} already holds a view store; pass --overwrite to replace it, or --name/--out")
