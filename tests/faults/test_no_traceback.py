@@ -146,6 +146,7 @@ def denying_store(tmp_path_factory):
 def _run_denied(tmp_path: Path, *blocks: str, endpoint: str, credentials: dict[str, str],
                 unset: tuple[str, ...] = ("AWS_SESSION_TOKEN", "AWS_PROFILE"), **kwargs):
     # no AWS_SESSION_TOKEN / AWS_PROFILE from the session's own S3 fixture: only these credentials ask
+    unset = tuple(k for k in unset if k not in credentials)
     return _run(tmp_path, *blocks, args=("--device", "cpu"), unset=unset, AWS_ENDPOINT_URL=endpoint,
                 AWS_DEFAULT_REGION="us-east-1", **credentials, **kwargs)
 
@@ -172,13 +173,24 @@ def test_storage_denied_for_the_data(tmp_path: Path, denying_store) -> None:
     assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
 
 
-def test_an_aws_profile_that_does_not_exist_is_not_retried_as_unreachable(tmp_path: Path, denying_store) -> None:
+NO_USABLE_CREDENTIALS = {  # what botocore finds: the error line must name it
+    "an AWS_PROFILE that does not exist": ({"AWS_PROFILE": "cmkd-no-such-profile"}, "cmkd-no-such-profile"),
+    "half a key pair": ({"AWS_ACCESS_KEY_ID": "AKIAHALFAPAIR0000000"}, "AWS_SECRET_ACCESS_KEY"),
+    "none at all": ({}, "Unable to locate credentials"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_USABLE_CREDENTIALS))
+def test_no_usable_credentials_are_not_retried_as_unreachable(tmp_path: Path, denying_store, case: str) -> None:
     endpoint, _ = denying_store
-    result = _run_denied(tmp_path, endpoint=endpoint, credentials={"AWS_PROFILE": "cmkd-no-such-profile"},
-                         run_dir=f"s3://{DENIED_BUCKET}/runs", HOME=str(tmp_path), CMKD_WRITE_RETRIES="5",
-                         unset=("AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
-    message = assert_one_error_line(result, f"s3://{DENIED_BUCKET}/runs/", "cmkd-no-such-profile",
-                                    "no usable credentials", "AWS_PROFILE")
+    credentials, reason = NO_USABLE_CREDENTIALS[case]
+    # HOME: no ~/.aws of this machine; no instance-metadata probe (1 s, and not this test's subject)
+    result = _run_denied(tmp_path, endpoint=endpoint, credentials=credentials, run_dir=f"s3://{DENIED_BUCKET}/runs",
+                         HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true", CMKD_WRITE_RETRIES="5",
+                         unset=("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"))
+    message = assert_one_error_line(result, f"s3://{DENIED_BUCKET}/runs/", reason, "no usable credentials",
+                                    "AWS_PROFILE")
     assert "unreachable" not in message and "retry" not in result.output, result.describe()
 
 
