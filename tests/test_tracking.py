@@ -109,3 +109,22 @@ def test_a_chosen_logger_without_its_package_is_one_error_line(tmp_path: Path, n
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"pip install {name}" in errors[0], result.describe()
     assert not (tmp_path / "runs" / "x" / "teacher" / "checkpoints").exists()  # failed at the door
+
+
+def test_closing_loggers_closes_every_one_even_after_one_failed() -> None:
+    from cmkd.train.loggers import close_all
+
+    closed = []
+
+    class Broken:
+        def close(self) -> None:
+            raise OSError("the store is gone")
+
+    class Fine:
+        def close(self) -> None:
+            closed.append(self)
+
+    fine = Fine()
+    with pytest.raises(OSError, match="the store is gone"):
+        close_all([Broken(), fine])
+    assert closed == [fine]

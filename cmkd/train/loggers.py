@@ -102,10 +102,12 @@ class TensorBoardLogger:
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
-        self._upload()
-        if not storage.is_local(self.target):
-            shutil.rmtree(self.local, ignore_errors=True)
+        try:
+            self.writer.close()
+            self._upload()
+        finally:  # an upload that failed for good (the store gone) must not leave the temp folder behind
+            if not storage.is_local(self.target):
+                shutil.rmtree(self.local, ignore_errors=True)
 
     def _upload(self) -> None:
         if storage.is_local(self.target):
@@ -221,7 +223,14 @@ def log_report_figures(report_dir: str, figures: list[str]) -> None:
 
 
 def close_all(active: list[Any]) -> None:
+    """Close every logger, even after one failed to (then raise the first failure)."""
+    first: BaseException | None = None
     for logger in active:
         close = getattr(logger, "close", None)
-        if close is not None:
-            close()
+        try:
+            if close is not None:
+                close()
+        except Exception as err:  # noqa: BLE001 - re-raised below, once the others are closed
+            first = first or err
+    if first is not None:
+        raise first
