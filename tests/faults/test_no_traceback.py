@@ -194,6 +194,15 @@ def test_no_usable_credentials_are_not_retried_as_unreachable(tmp_path: Path, de
     assert "unreachable" not in message and "retry" not in result.output, result.describe()
 
 
+def test_a_tracker_that_cannot_start_is_one_error_line(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    server = f"http://127.0.0.1:{_closed_port()}"  # an MLflow tracking server nobody runs
+    result = _run(tmp_path, "train.loggers = [@loggers.mlflow]", f"loggers.mlflow.tracking_uri = '{server}'",
+                  args=("--device", "cpu"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    assert_one_error_line(result, "@loggers.mlflow could not start", server, "loggers.mlflow.", "train.loggers")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("how", ["--debug", "CMKD_DEBUG=1"])
 def test_debug_shows_the_traceback(tmp_path: Path, how: str) -> None:
     cfg = write_gin(tmp_path / "exp.gin", TINY_AST, TINY_CNN, DATA, TWO_STAGES)
