@@ -57,6 +57,7 @@ def test_mlflow_file_store_holds_the_run_numbers(tmp_path: Path, monkeypatch) ->
     uri = (tmp_path / "mlruns").as_uri()
     # MLflow 3 keeps its file store for those who opt in (the run and this reader): no server, no database
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage online otherwise
     run_dir = _run(tmp_path, "train.loggers = [@loggers.mlflow]", f"loggers.mlflow.tracking_uri = '{uri}'")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tracked")

@@ -198,7 +198,7 @@ def test_a_tracker_that_cannot_start_is_one_error_line(tmp_path: Path) -> None:
     pytest.importorskip("mlflow")
     server = f"http://127.0.0.1:{_closed_port()}"  # an MLflow tracking server nobody runs
     result = _run(tmp_path, "train.loggers = [@loggers.mlflow]", f"loggers.mlflow.tracking_uri = '{server}'",
-                  args=("--device", "cpu"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+                  args=("--device", "cpu"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_DISABLE_TELEMETRY="true")
     assert_one_error_line(result, "@loggers.mlflow could not start", server, "loggers.mlflow.", "train.loggers")
     assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
 
