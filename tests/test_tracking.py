@@ -149,3 +149,20 @@ def test_closing_loggers_closes_every_one_even_after_one_failed() -> None:
     with pytest.raises(OSError, match="the store is gone"):
         close_all([Broken(), fine])
     assert closed == [fine]
+
+
+def test_loggers_started_before_one_that_cannot_start_are_closed() -> None:
+    from cmkd.train.loggers import LoggerError, build_loggers
+
+    closed = []
+
+    class Started:
+        def close(self) -> None:
+            closed.append(self)
+
+    def refused():
+        raise ConnectionRefusedError("nobody at http://127.0.0.1:1")
+
+    with pytest.raises(LoggerError, match=r"could not start \(ConnectionRefusedError: nobody at http://127.0.0.1:1\)"):
+        build_loggers([Started, refused])
+    assert len(closed) == 1

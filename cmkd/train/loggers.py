@@ -8,6 +8,7 @@ Trainer's hooks (``cmkd.train.hooks``): ``on_step_end``, ``on_epoch_end``, ``on_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -184,12 +185,17 @@ def build_loggers(chosen: Any, **context: Any) -> list[Any]:
         chosen = [loggers.get("tensorboard")]
     if callable(chosen) or isinstance(chosen, str):
         chosen = [chosen]
-    built = []
-    for item in chosen:
-        if isinstance(item, str):
-            item = loggers.get(item)
-        # uncalled (@loggers.tensorboard) or a plugin's factory: built here; an instance: used as is
-        built.append(_start(item, context) if isinstance(item, type) or inspect.isfunction(item) else item)
+    built: list[Any] = []
+    try:
+        for item in chosen:
+            if isinstance(item, str):
+                item = loggers.get(item)
+            # uncalled (@loggers.tensorboard) or a plugin's factory: built here; an instance: used as is
+            built.append(_start(item, context) if isinstance(item, type) or inspect.isfunction(item) else item)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the ones already started: no open run or temp folder left
+            close_all(built)
+        raise
     return built
 
 
