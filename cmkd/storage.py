@@ -65,6 +65,21 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def credential_errors() -> tuple[type[BaseException], ...]:
+    """No usable credentials (none found, half a key pair, an AWS_PROFILE that does not exist):
+    botocore raises these before any request, so a retry cannot help."""
+    try:
+        from botocore.exceptions import (
+            CredentialRetrievalError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ProfileNotFound,
+        )
+    except ImportError:  # pragma: no cover - no s3 support installed
+        return ()
+    return (NoCredentialsError, PartialCredentialsError, ProfileNotFound, CredentialRetrievalError)
+
+
 def _budget() -> tuple[int, float]:
     try:
         return (int(os.environ.get("CMKD_WRITE_RETRIES", WRITE_RETRIES)),
@@ -84,7 +99,16 @@ def failure(url: str, action: str, err: BaseException) -> StorageError:
     elif code in _NO_SPACE:
         todo = ("the disk is full; free space there or pick another destination, then rerun "
                 "(`cmkd run --resume` continues a run)")
-    elif code in _NO_RIGHT:
+    elif isinstance(err, credential_errors()):
+        todo = ("no usable credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE to a profile "
+                "of ~/.aws/credentials, or give the storage options for this URL (`storage.options`, docs/data.md "
+                "'Object storage')")
+    elif not is_local(url) and (isinstance(err, PermissionError) or code in _NO_RIGHT):
+        # s3fs/gcsfs/adlfs raise PermissionError (no errno) for 403s: bad keys, expired tokens, a policy
+        todo = ("access denied; check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE) and that they may access this bucket, or the storage options for this URL "
+                "(`storage.options`, docs/data.md 'Object storage')")
+    elif isinstance(err, PermissionError) or code in _NO_RIGHT:
         todo = ("no permission to write there (or a read-only filesystem); fix the permissions or pick another "
                 "destination")
     elif isinstance(err, transient_errors()) or "connect" in str(err).lower():
@@ -98,14 +122,17 @@ def failure(url: str, action: str, err: BaseException) -> StorageError:
 def retrying(url: str, action: str, op: Callable[[], T], *, wrap_all: bool = True) -> T:
     """Run an object-store operation, retrying transient failures with exponential backoff.
 
-    ``wrap_all=False`` (reads, lookups) lets other OSErrors such as FileNotFoundError through.
+    ``wrap_all=False`` (reads, lookups) lets other OSErrors such as FileNotFoundError through,
+    but not PermissionError: access denied becomes the StorageError that says so.
     """
     retries, backoff = _budget()
-    transient = transient_errors()
+    transient, no_credentials = transient_errors(), credential_errors()
     failures = 0
     while True:
         try:
             return op()
+        except no_credentials as err:  # BotoCoreErrors too, but no retry brings credentials
+            raise failure(url, action, err) from err
         except transient as err:
             failures += 1
             if failures > retries:
@@ -115,7 +142,7 @@ def retrying(url: str, action: str, op: Callable[[], T], *, wrap_all: bool = Tru
                           f"retry {failures}/{retries} in {delay:.1f} s", stacklevel=3)
             time.sleep(delay)
         except (OSError, MemoryError) as err:
-            if not wrap_all:
+            if not wrap_all and not isinstance(err, PermissionError):  # denied is never an answer to a lookup
                 raise
             raise failure(url, action, err) from err
 

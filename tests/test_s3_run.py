@@ -1,8 +1,9 @@
 """Run folders in a bucket (a real S3 server, moto): audio files on disk are written into the
 bucket by the real `cmkd prepare folder SRC s3://...` CLI; a 2-stage KD experiment (`cmkd run`)
 reads its data from there and writes config, metrics, summary and checkpoints into the bucket;
-the student loads its teacher from there; a rerun reuses both stages from there; and no
-credential ever reaches a file, an object or the output of any command."""
+the student loads its teacher from there; TensorBoard's event files land in each stage folder
+there (read back from the bucket by tensorboard's own reader); a rerun reuses both stages from
+there; and no credential ever reaches a file, an object or the output of any command."""
 
 from __future__ import annotations
 
@@ -53,13 +54,17 @@ train.dataset = @datasets.webdataset
 datasets.webdataset.root = '{data}'
 datasets.webdataset.num_workers = 1
 train.batch_size = 4
+train.log_every = 2
 student/train.strategy = @strategies.logit_kd
 strategies.logit_kd.teacher = 'teacher'
 """)
     # Planted credentials: moto accepts any, so the run really uses these, from the environment.
     secrets = {"AWS_SECRET_ACCESS_KEY": f"cmkdPlantedSecret{uuid.uuid4().hex}",
                "AWS_SESSION_TOKEN": f"cmkdPlantedToken{uuid.uuid4().hex}"}
-    env = cmkd_env(tmp_path, AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="cmkd-test-key", **secrets)
+    scratch = tmp_path / "tmp"  # TMPDIR: where TensorBoard writes before its files go to the bucket
+    scratch.mkdir()
+    env = cmkd_env(tmp_path, AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="cmkd-test-key", TMPDIR=str(scratch),
+                   **secrets)
     work = tmp_path / "work"
     work.mkdir()
 
@@ -85,6 +90,8 @@ strategies.logit_kd.teacher = 'teacher'
     teacher_best = f"{runs}/s3kd/teacher/checkpoints/best.pt"
     assert read_json(f"{runs}/s3kd/student/summary.json")["teachers"] == [teacher_best]
     assert f"teacher 'teacher': {teacher_best}" in first.stderr
+    _assert_tensorboard_events_in_the_bucket(fs, runs)
+    assert not list(scratch.glob("cmkd-tb-*")), "TensorBoard's local folders must go once uploaded"
 
     # A rerun reuses both finished stages from the bucket and rewrites nothing in them.
     def stage_objects() -> dict[str, str]:
@@ -100,6 +107,31 @@ strategies.logit_kd.teacher = 'teacher'
     # No planted credential in any file written (local or in the bucket) or in any output.
     scanned = _assert_no_secret(secrets, fs, bucket, tmp_path, [prep, first, second])
     assert scanned["objects"] >= 2 * len(STAGE_FILES) + 6 and scanned["outputs"] == 6, scanned
+
+
+def _board(url: str):
+    """tensorboard's own event reader on a bucket folder (its S3 support: boto3, which reads
+    AWS_ENDPOINT_URL and the credentials from the environment, like `tensorboard --logdir s3://...`)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(url)
+    acc.Reload()
+    return acc
+
+
+def _assert_tensorboard_events_in_the_bucket(fs, runs: str) -> None:
+    for stage in ("teacher", "student"):
+        assert fs.glob(f"{runs}/s3kd/{stage}/events.out.tfevents.*"), fs.ls(f"{runs}/s3kd/{stage}")
+        board = _board(f"{runs}/s3kd/{stage}")
+        tags = board.Tags()["scalars"]
+        for tag in ("train/loss", "train/lr", "epoch/train_loss", "eval/accuracy", "eval/loss"):
+            assert tag in tags, (stage, sorted(tags))
+        # the numbers are the run's: the same as metrics.jsonl's (float32 in the event file)
+        last = read_jsonl(f"{runs}/s3kd/{stage}/metrics.jsonl")[-1]
+        for tag, key in (("epoch/train_loss", "train_loss"), ("eval/accuracy", "eval_accuracy")):
+            assert board.Scalars(tag)[-1].value == pytest.approx(last[key], rel=1e-6), (stage, tag)
+    assert "train/loss_kd" in _board(f"{runs}/s3kd/student").Tags()["scalars"]
+    assert "report/curves" in _board(f"{runs}/s3kd/report").Tags()["images"]
 
 
 def _assert_no_secret(secrets: dict[str, str], fs, bucket: str, tmp_path, results) -> dict[str, int]:

@@ -85,15 +85,36 @@ def test_80_columns_cut_no_name(tracked) -> None:
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
 
-def test_optional_loggers_import_their_package_only_when_chosen() -> None:
+# Which module asks for wandb / mlflow while cmkd loads: timm imports wandb whenever it is installed
+# (timm/utils/summary.py), so sys.modules alone cannot tell whether cmkd asked.
+_WHO_IMPORTS = """
+import sys
+asked = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('wandb', 'mlflow'):
+            frame = sys._getframe(1)
+            while frame and frame.f_code.co_filename.startswith('<frozen'):
+                frame = frame.f_back
+            asked.append(frame.f_code.co_filename if frame else '?')
+        return None
+sys.meta_path.insert(0, Watch())
+from cmkd import plugins
+from cmkd.registry import loggers
+plugins.load_all()
+assert {'tensorboard', 'wandb', 'mlflow'} <= set(loggers), sorted(loggers)
+print(sorted({f for f in asked if '/cmkd/' in f}))
+"""
+
+
+def test_optional_loggers_import_their_package_only_when_chosen(tmp_path: Path) -> None:
+    import subprocess
     import sys
 
-    from cmkd import plugins
-    from cmkd.registry import loggers
-
-    plugins.load_all()
-    assert {"tensorboard", "wandb", "mlflow"} <= set(loggers)
-    assert "wandb" not in sys.modules and "mlflow" not in sys.modules
+    # a fresh interpreter: other tests of this session (tests/test_trackers.py) import them themselves
+    out = subprocess.run([sys.executable, "-c", _WHO_IMPORTS], env=cmkd_env(tmp_path), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
@@ -109,3 +130,39 @@ def test_a_chosen_logger_without_its_package_is_one_error_line(tmp_path: Path, n
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"pip install {name}" in errors[0], result.describe()
     assert not (tmp_path / "runs" / "x" / "teacher" / "checkpoints").exists()  # failed at the door
+
+
+def test_closing_loggers_closes_every_one_even_after_one_failed() -> None:
+    from cmkd.train.loggers import close_all
+
+    closed = []
+
+    class Broken:
+        def close(self) -> None:
+            raise OSError("the store is gone")
+
+    class Fine:
+        def close(self) -> None:
+            closed.append(self)
+
+    fine = Fine()
+    with pytest.raises(OSError, match="the store is gone"):
+        close_all([Broken(), fine])
+    assert closed == [fine]
+
+
+def test_loggers_started_before_one_that_cannot_start_are_closed() -> None:
+    from cmkd.train.loggers import LoggerError, build_loggers
+
+    closed = []
+
+    class Started:
+        def close(self) -> None:
+            closed.append(self)
+
+    def refused():
+        raise ConnectionRefusedError("nobody at http://127.0.0.1:1")
+
+    with pytest.raises(LoggerError, match=r"could not start \(ConnectionRefusedError: nobody at http://127.0.0.1:1\)"):
+        build_loggers([Started, refused])
+    assert len(closed) == 1

@@ -227,9 +227,8 @@ class Manifest:
         """Read ``<root_url>/dataset.json`` through fsspec."""
         root = normalize_root(root_url)
         url = join_url(root, MANIFEST_NAME)
-        try:
-            with storage.open_file(url, "rt", storage_options, encoding="utf-8") as f:
-                text = f.read()
+        try:  # retried like every object-store read; denied or no credentials: a StorageError that says so
+            text = storage.read_bytes(url, storage_options).decode("utf-8")
         except FileNotFoundError:
             bucket = _missing_bucket(root, storage_options)
             if bucket:

@@ -8,6 +8,7 @@ Trainer's hooks (``cmkd.train.hooks``): ``on_step_end``, ``on_epoch_end``, ``on_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -44,7 +45,9 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
 
 
 def step_scalars(trainer: Any, logs: dict[str, float]) -> dict[str, float]:
-    """What a step window shows: the loss, the strategy's parts, lr, clips/s and data-wait."""
+    """What a step window shows, as ``train/<name>``: the loss, the strategy's parts, lr, clips/s
+    and data-wait. Every logger uses these names (and :func:`epoch_scalars`'), so a metric is
+    called the same in TensorBoard, W&B and MLflow."""
     values = _numbers(logs)
     values["lr"] = float(trainer.state.optimizer.param_groups[0]["lr"])
     bar = getattr(trainer, "bar", None)
@@ -53,7 +56,14 @@ def step_scalars(trainer: Any, logs: dict[str, float]) -> dict[str, float]:
     waits, t_epoch = getattr(trainer, "waits", None), getattr(trainer, "t_epoch", None)
     if waits is not None and t_epoch is not None:
         values["data_wait"] = float(waits.fraction(time.perf_counter() - t_epoch))
-    return values
+    return {f"train/{k}": v for k, v in values.items()}
+
+
+def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """What an epoch shows: ``eval/<metric>`` for the evaluation, ``epoch/<name>`` for the rest
+    (``epoch/train_loss`` is the epoch's mean; ``train/loss`` the last window's)."""
+    return {(f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"epoch/{k}"): v
+            for k, v in _numbers(metrics).items()}
 
 
 @loggers.register("tensorboard")
@@ -73,13 +83,12 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(self.local, purge_step=start_step or None, flush_secs=flush_secs)
 
     def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        for key, value in step_scalars(trainer, logs).items():
-            self.writer.add_scalar(f"train/{key}", value, int(logs["step"]))
+        for tag, value in step_scalars(trainer, logs).items():
+            self.writer.add_scalar(tag, value, int(logs["step"]))
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        for key, value in _numbers(metrics).items():
-            group = "eval" if key.startswith("eval_") else "epoch"
-            self.writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, int(metrics["step"]))
+        for tag, value in epoch_scalars(metrics).items():
+            self.writer.add_scalar(tag, value, int(metrics["step"]))
         self.writer.flush()
         self._upload()
 
@@ -102,10 +111,12 @@ class TensorBoardLogger:
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
-        self._upload()
-        if not storage.is_local(self.target):
-            shutil.rmtree(self.local, ignore_errors=True)
+        try:
+            self.writer.close()
+            self._upload()
+        finally:  # an upload that failed for good (the store gone) must not leave the temp folder behind
+            if not storage.is_local(self.target):
+                shutil.rmtree(self.local, ignore_errors=True)
 
     def _upload(self) -> None:
         if storage.is_local(self.target):
@@ -124,14 +135,16 @@ class WandbLogger:
     def __init__(self, experiment: str, stage: str, stage_dir: str, project: str = "cmkd", entity: str | None = None,
                  mode: str | None = None):
         wandb = _import_optional("wandb", "wandb")
+        # no reinit=: close() finishes each stage's run, so the next stage's init starts a new one
+        # (reinit=True is deprecated from wandb 0.19 on, and its replacements are not in older versions)
         self.run = wandb.init(project=project, entity=entity, group=experiment, name=f"{experiment}/{stage}",
-                              dir=stage_dir if storage.is_local(stage_dir) else None, mode=mode, reinit=True)
+                              dir=stage_dir if storage.is_local(stage_dir) else None, mode=mode)
 
     def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        self.run.log({f"train/{k}": v for k, v in step_scalars(trainer, logs).items()}, step=int(logs["step"]))
+        self.run.log(step_scalars(trainer, logs), step=int(logs["step"]))
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in _numbers(metrics).items()}, step=int(metrics["step"]))
+        self.run.log(epoch_scalars(metrics), step=int(metrics["step"]))
 
     def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         self.run.summary.update({"best": summary.get("best"), "metric": summary.get("metric")})
@@ -154,11 +167,10 @@ class MlflowLogger:
         self.run = self.mlflow.start_run(run_name=stage)
 
     def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        self.mlflow.log_metrics({f"train_{k}": v for k, v in step_scalars(trainer, logs).items()},
-                                step=int(logs["step"]))
+        self.mlflow.log_metrics(step_scalars(trainer, logs), step=int(logs["step"]))
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        self.mlflow.log_metrics(_numbers(metrics), step=int(metrics["step"]))
+        self.mlflow.log_metrics(epoch_scalars(metrics), step=int(metrics["step"]))
 
     def on_stage_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         self.mlflow.set_tag("strategy", summary.get("strategy"))
@@ -173,14 +185,37 @@ def build_loggers(chosen: Any, **context: Any) -> list[Any]:
         chosen = [loggers.get("tensorboard")]
     if callable(chosen) or isinstance(chosen, str):
         chosen = [chosen]
-    built = []
-    for item in chosen:
-        if isinstance(item, str):
-            item = loggers.get(item)
-        # uncalled (@loggers.tensorboard) or a plugin's factory: built here; an instance: used as is
-        built.append(call_with_context(item, **context) if isinstance(item, type) or inspect.isfunction(item)
-                     else item)
+    built: list[Any] = []
+    try:
+        for item in chosen:
+            if isinstance(item, str):
+                item = loggers.get(item)
+            # uncalled (@loggers.tensorboard) or a plugin's factory: built here; an instance: used as is
+            built.append(_start(item, context) if isinstance(item, type) or inspect.isfunction(item) else item)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the ones already started: no open run or temp folder left
+            close_all(built)
+        raise
     return built
+
+
+def _start(factory: Any, context: dict[str, Any]) -> Any:
+    """Build one logger; a tracker that cannot start (no server, no login, a refused tracking URI)
+    is the user's to fix: one LoggerError naming it, not the tracker's traceback."""
+    try:
+        return call_with_context(factory, **context)
+    except CmkdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any tracker's own error; --debug shows its traceback
+        name = _registered_name(factory)
+        reason = " ".join(str(err).split(" In call to configurable")[0].split())[:600]  # gin's note: not ours
+        raise LoggerError(f"train.loggers: @loggers.{name} could not start ({type(err).__name__}: {reason}); "
+                          f"check its settings (loggers.{name}.*, docs/tracking.md) or drop @loggers.{name} from "
+                          f"train.loggers") from err
+
+
+def _registered_name(item: Any) -> str:
+    return next((e.name for e in loggers.entries() if e.obj is item), getattr(item, "__name__", str(item)))
 
 
 def check_loggers(chosen: Any) -> None:
@@ -191,10 +226,8 @@ def check_loggers(chosen: Any) -> None:
         if isinstance(item, str):
             item = loggers.get(item)
         package = getattr(item, "requires", None)
-        if package:
-            name = next((e.name for e in loggers.entries() if e.obj is item), package)
-            if importlib.util.find_spec(package) is None:
-                _import_optional(package, name)
+        if package and importlib.util.find_spec(package) is None:
+            _import_optional(package, _registered_name(item))
 
 
 def uses_tensorboard(chosen: Any) -> bool:
@@ -221,7 +254,14 @@ def log_report_figures(report_dir: str, figures: list[str]) -> None:
 
 
 def close_all(active: list[Any]) -> None:
+    """Close every logger, even after one failed to (then raise the first failure)."""
+    first: BaseException | None = None
     for logger in active:
         close = getattr(logger, "close", None)
-        if close is not None:
-            close()
+        try:
+            if close is not None:
+                close()
+        except Exception as err:  # noqa: BLE001 - re-raised below, once the others are closed
+            first = first or err
+    if first is not None:
+        raise first

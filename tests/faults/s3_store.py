@@ -86,6 +86,15 @@ class S3Store:
             self.proc.wait()
         self.proc = None
 
+    def require_credentials(self) -> None:
+        """From now on refuse requests whose key moto's IAM does not know (InvalidAccessKeyId, 403)
+        or does not allow (AccessDenied). moto's INITIAL_NO_AUTH_ACTION_COUNT set to 0, through its
+        /moto-api/reset-auth: set at start instead, nothing could be written into the store first.
+        A restarted process accepts any key again."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})  # form-encoded: moto reads ''
+        urllib.request.urlopen(request, timeout=10).close()
+
     @property
     def up(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

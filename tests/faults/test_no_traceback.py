@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
+from s3_store import S3Store
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,10 +52,12 @@ def assert_one_error_line(result, *words: str) -> str:
     return message
 
 
-def _run(tmp_path: Path, *blocks: str, args: tuple[str, ...] = (), run_dir: str | None = None, **env: str):
+def _run(tmp_path: Path, *blocks: str, args: tuple[str, ...] = (), run_dir: str | None = None,
+         unset: tuple[str, ...] = (), **env: str):
     cfg = write_gin(tmp_path / "exp.gin", TINY_AST, TINY_CNN, DATA, TWO_STAGES, *blocks)
+    environment = {k: v for k, v in cmkd_env(tmp_path, **env).items() if k not in unset}
     return run_cmkd(["run", cfg, "--run-dir", run_dir or str(tmp_path / "runs"), *args],
-                    env=cmkd_env(tmp_path, **env), timeout=170)
+                    env=environment, timeout=170)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
@@ -111,6 +114,93 @@ def test_missing_bucket_of_the_data_says_bucket(tmp_path: Path, s3_endpoint: str
     result = _run(tmp_path, "train.dataset = @datasets.webdataset", f"datasets.webdataset.root = 's3://{bucket}/data'",
                   args=("--device", "cpu"))
     assert_one_error_line(result, bucket, "bucket")
+
+
+DENIED_BUCKET = "cmkd-denied"
+
+
+@pytest.fixture(scope="module")
+def denying_store(tmp_path_factory):
+    """A real S3 server (moto) holding a bucket with a dataset manifest, that then checks
+    credentials; yields its endpoint and a key it knows but that no policy allows anything."""
+    pytest.importorskip("s3fs")
+    import boto3
+
+    store = S3Store(tmp_path_factory.mktemp("denied") / "s3-requests.log")
+    store.start()
+    try:
+        client = dict(endpoint_url=store.endpoint, region_name="us-east-1", aws_access_key_id="seed",
+                      aws_secret_access_key="seed")
+        s3 = boto3.client("s3", **client)
+        s3.create_bucket(Bucket=DENIED_BUCKET)
+        s3.put_object(Bucket=DENIED_BUCKET, Key="data/dataset.json", Body=b"{}")  # never read: denied first
+        iam = boto3.client("iam", **client)
+        iam.create_user(UserName="powerless")
+        key = iam.create_access_key(UserName="powerless")["AccessKey"]
+        store.require_credentials()
+        yield store.endpoint, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    finally:
+        store.kill()
+
+
+def _run_denied(tmp_path: Path, *blocks: str, endpoint: str, credentials: dict[str, str],
+                unset: tuple[str, ...] = ("AWS_SESSION_TOKEN", "AWS_PROFILE"), **kwargs):
+    # no AWS_SESSION_TOKEN / AWS_PROFILE from the session's own S3 fixture: only these credentials ask
+    unset = tuple(k for k in unset if k not in credentials)
+    return _run(tmp_path, *blocks, args=("--device", "cpu"), unset=unset, AWS_ENDPOINT_URL=endpoint,
+                AWS_DEFAULT_REGION="us-east-1", **credentials, **kwargs)
+
+
+UNKNOWN_KEY = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000", "AWS_SECRET_ACCESS_KEY": "not-a-secret-it-knows"}
+
+
+@pytest.mark.parametrize("who", ["unknown key", "key without permission"])
+def test_storage_denied_for_the_run_folder(tmp_path: Path, denying_store, who: str) -> None:
+    endpoint, powerless = denying_store
+    result = _run_denied(tmp_path, endpoint=endpoint, credentials=UNKNOWN_KEY if who == "unknown key" else powerless,
+                         run_dir=f"s3://{DENIED_BUCKET}/runs")
+    assert_one_error_line(result, f"s3://{DENIED_BUCKET}/runs/", "access denied", "AWS_ACCESS_KEY_ID",
+                          "AWS_PROFILE", "storage.options")
+
+
+def test_storage_denied_for_the_data(tmp_path: Path, denying_store) -> None:
+    endpoint, _ = denying_store
+    result = _run_denied(tmp_path, "train.dataset = @datasets.webdataset",
+                         f"datasets.webdataset.root = 's3://{DENIED_BUCKET}/data'", endpoint=endpoint,
+                         credentials=UNKNOWN_KEY)
+    assert_one_error_line(result, f"s3://{DENIED_BUCKET}/data/dataset.json", "access denied", "AWS_PROFILE",
+                          "storage.options")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+NO_USABLE_CREDENTIALS = {  # what botocore finds: the error line must name it
+    "an AWS_PROFILE that does not exist": ({"AWS_PROFILE": "cmkd-no-such-profile"}, "cmkd-no-such-profile"),
+    "half a key pair": ({"AWS_ACCESS_KEY_ID": "AKIAHALFAPAIR0000000"}, "AWS_SECRET_ACCESS_KEY"),
+    "none at all": ({}, "Unable to locate credentials"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_USABLE_CREDENTIALS))
+def test_no_usable_credentials_are_not_retried_as_unreachable(tmp_path: Path, denying_store, case: str) -> None:
+    endpoint, _ = denying_store
+    credentials, reason = NO_USABLE_CREDENTIALS[case]
+    # HOME: no ~/.aws of this machine; no instance-metadata probe (1 s, and not this test's subject)
+    result = _run_denied(tmp_path, endpoint=endpoint, credentials=credentials, run_dir=f"s3://{DENIED_BUCKET}/runs",
+                         HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true", CMKD_WRITE_RETRIES="5",
+                         unset=("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"))
+    message = assert_one_error_line(result, f"s3://{DENIED_BUCKET}/runs/", reason, "no usable credentials",
+                                    "AWS_PROFILE")
+    assert "unreachable" not in message and "retry" not in result.output, result.describe()
+
+
+def test_a_tracker_that_cannot_start_is_one_error_line(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    server = f"http://127.0.0.1:{_closed_port()}"  # an MLflow tracking server nobody runs
+    result = _run(tmp_path, "train.loggers = [@loggers.mlflow]", f"loggers.mlflow.tracking_uri = '{server}'",
+                  args=("--device", "cpu"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_DISABLE_TELEMETRY="true")
+    assert_one_error_line(result, "@loggers.mlflow could not start", server, "loggers.mlflow.", "train.loggers")
+    assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("how", ["--debug", "CMKD_DEBUG=1"])

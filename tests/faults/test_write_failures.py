@@ -125,12 +125,16 @@ def test_run_folder_store_gone_mid_run_is_one_error_line(tmp_path, s3):
 
     killer = threading.Thread(target=kill_once_started, daemon=True)
     killer.start()
+    scratch = tmp_path / "tmp"  # TMPDIR: TensorBoard's local folder, uploaded to the bucket at each epoch's end
+    scratch.mkdir()
     result = run_cmkd(["run", cfg, "--run-dir", "s3://cmkd-writes/runs", "--device", "cpu"],
                       env=cmkd_env(tmp_path, PYTHONPATH=f"{FAULTS_DIR}:{cmkd_env(tmp_path)['PYTHONPATH']}",
-                                   CMKD_WRITE_RETRIES="2", CMKD_WRITE_BACKOFF="0.05", **env), timeout=180)
+                                   CMKD_WRITE_RETRIES="2", CMKD_WRITE_BACKOFF="0.05", TMPDIR=str(scratch), **env),
+                      timeout=180)
     killer.join(timeout=10)
     assert not st.up
     _one_error(result, "s3://cmkd-writes/runs/x/s/", "the storage is unreachable", "AWS_ENDPOINT_URL")
+    assert not list(scratch.glob("cmkd-tb-*")), "a failed upload must not leave TensorBoard's folder behind"
 
 
 def test_object_store_write_is_retried_through_a_short_outage(s3, monkeypatch):
