@@ -59,7 +59,7 @@ schedule.warmup_steps = 2
 
 
 def _using_a_model(folder: Path, env: dict[str, str]) -> None:
-    from test_infer import TINY_GIN  # the tiny AST teacher -> student run the page's runs/tiny stands for
+    from infer_fixtures import TINY_GIN  # the tiny AST teacher -> student run the page's runs/tiny stands for
 
     write_tone_dataset(str(folder / "data" / "esc10"),
                        {f"fold{f}": [(f"{f}-{c}", [c], 1.0) for c in ESC10] for f in range(1, 6)},

@@ -29,9 +29,10 @@ from cmkd.train.optim import build_optimizer
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import _reference  # noqa: E402
+import _step_cases as step_cases  # noqa: E402
 import step as step_bench  # noqa: E402
 
-TINY = step_bench.SHAPES["tiny"]  # test_efficientnet, a 2-block 32-wide AST, 32 mel bins x 100 frames, 10 classes
+TINY = step_cases.SHAPES["tiny"]  # test_efficientnet, a 2-block 32-wide AST, 32 mel bins x 100 frames, 10 classes
 
 
 def _waves(batch: int, seconds: float, seed: int = 0) -> torch.Tensor:
@@ -113,7 +114,7 @@ def test_teacher_runs_under_inference_mode_and_in_bf16_on_cuda():
     assert strategies_mod.teacher_dtype("cuda") == torch.bfloat16
     assert strategies_mod.teacher_dtype(torch.device("cpu")) == torch.float32
     torch.manual_seed(0)
-    teacher = step_bench.build_model("ast", TINY, torch.device("cpu"))
+    teacher = step_cases.build_model("ast", TINY, torch.device("cpu"))
     reference = copy.deepcopy(teacher).eval()
     strat = _kd(teacher)
     modes = []
@@ -142,10 +143,10 @@ def _fixed_batches(n: int, shape: dict) -> list[dict]:
 @pytest.mark.parametrize("direction", ["cnn_to_ast", "ast_to_cnn"])
 def test_cmkd_step_matches_the_plain_fp32_reference_step(direction, one_thread):
     """Same weights, same clips, augmentation off: cmkd's fast step and the reference step agree."""
-    t_kind, s_kind = step_bench.DIRECTIONS[direction]
+    t_kind, s_kind = step_cases.DIRECTIONS[direction]
     torch.manual_seed(0)
     device = torch.device("cpu")
-    teacher0, student0 = step_bench.build_model(t_kind, TINY, device), step_bench.build_model(s_kind, TINY, device)
+    teacher0, student0 = step_cases.build_model(t_kind, TINY, device), step_cases.build_model(s_kind, TINY, device)
     batches, clips = _fixed_batches(3, TINY)
     ref_student, ref_teacher = _reference.reference_models(student0, teacher0)
     ref_teacher.requires_grad_(False)
@@ -159,7 +160,7 @@ def test_cmkd_step_matches_the_plain_fp32_reference_step(direction, one_thread):
     featurizer = Fbank(n_mels=TINY["n_mels"], target_frames=TINY["frames"],
                        mean=_reference.NORM[0], std=_reference.NORM[1])
     holder = {"it": iter(batches)}
-    ours = step_bench.cmkd_step(student, _kd(teacher), opt, featurizer, None, None, holder, device)
+    ours = step_cases.cmkd_step(student, _kd(teacher), opt, featurizer, None, None, holder, device)
     for _ in range(3):  # the later steps compare the updated weights too
         a, b = ours(), ref()
         assert math.isfinite(a) and abs(a - b) <= 1e-4 * abs(b), (a, b)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from test_infer import cli, tiny, wide_consoles  # noqa: F401 - the session's trained run, shared
+from infer_fixtures import cli, tiny, wide_consoles  # noqa: F401 - the session's trained run, shared
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

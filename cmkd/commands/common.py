@@ -46,7 +46,7 @@ def exit_code(err: BaseException) -> int:
 def message(err: BaseException) -> str:
     """The error's own message: without the DataLoader worker's traceback text and without the
     "In call to configurable 'train' (<function ...>)" lines gin appends on the way out."""
-    from cmkd.data.stream import worker_error_message  # late: the CLI starts (and --help answers) without torch
+    from cmkd.data.shard_reader import worker_error_message  # late: the CLI starts (and --help answers) without torch
 
     return re.sub(r"\n\s*In call to configurable '[^']*' \([^\n]*\)(?: in scope '[^']*')?", "",
                   worker_error_message(err))

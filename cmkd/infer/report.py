@@ -20,7 +20,7 @@ import torch
 
 from cmkd import checkpoint, config, storage
 from cmkd.data.manifest import ManifestError
-from cmkd.data.stream import SampleError, ShardError
+from cmkd.data.shard_reader import SampleError, ShardError
 from cmkd.infer import plots
 from cmkd.infer.scoring import check_compatible, open_split, predict_split
 from cmkd.infer.sources import InferError

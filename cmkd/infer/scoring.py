@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmkd.data.manifest import Manifest
-from cmkd.data.stream import EVAL_SPLIT_NAMES, iter_samples
+from cmkd.data.sample_decoder import iter_samples
+from cmkd.data.stream import EVAL_SPLIT_NAMES
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel
 from cmkd.models.inference import ensemble_combiner

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from torch import nn
 
-from cmkd.data.stream import RETRY, SampleError, ShardError
+from cmkd.data.shard_reader import RETRY, SampleError, ShardError
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from cmkd.audio.augment import Mixup, SpecAugment
 from cmkd.audio.views import draw_views
 from cmkd.console import TrainProgress, console, table
 from cmkd.data.describe import describe_dataset
-from cmkd.data.stream import worker_error_message
+from cmkd.data.shard_reader import worker_error_message
 from cmkd.device import autocast
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model

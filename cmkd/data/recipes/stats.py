@@ -50,8 +50,8 @@ def _recompute(url: str, splits: list[str] | None, max_clips: int | None, write:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmkd.console import console
+    from cmkd.data.sample_decoder import iter_samples
     from cmkd.data.stats import NormStats
-    from cmkd.data.stream import iter_samples
 
     if max_clips is not None and max_clips < 2:
         raise ManifestError(f"--max-clips must be at least 2, got {max_clips}")

@@ -134,7 +134,7 @@ class Scanner:
 
     def shard(self, url: str, records: Any, scan: SplitScan) -> None:
         """Count the records of one shard (an iterator that may raise ShardError)."""
-        from cmkd.data.stream import ShardError
+        from cmkd.data.shard_reader import ShardError
 
         scan.shards += 1
         before = scan.samples + sum(1 for p in self.problems if p.url == url)
@@ -196,6 +196,6 @@ class Scanner:
 
 
 def read_records(url: str, storage_options: dict[str, Any]) -> Any:
-    from cmkd.data.stream import iter_shard
+    from cmkd.data.shard_reader import iter_shard
 
     return iter_shard(url, retries=3, backoff=0.5, storage_options=storage_options, split_name=split_member)

@@ -187,8 +187,8 @@ def _only(counters: Any) -> str | None:
 def _norm(manifest: Manifest, splits: list[str], opts: AdoptOptions, quiet: bool) -> tuple[Any, int]:
     """fbank mean/std over the first ``norm_clips`` usable clips of ``splits`` (None if fewer than 2)."""
     from cmkd.console import console
+    from cmkd.data.sample_decoder import iter_samples
     from cmkd.data.stats import NormStats
-    from cmkd.data.stream import iter_samples
 
     acc = NormStats(manifest.sample_rate)
     urls = [u for s in splits for u in manifest.shard_urls(s)]
