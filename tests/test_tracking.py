@@ -3,6 +3,7 @@ own reader), plain progress lines in a non-terminal log, and 80-column output th
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -119,12 +120,14 @@ def test_optional_loggers_import_their_package_only_when_chosen(tmp_path: Path) 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
 def test_a_chosen_logger_without_its_package_is_one_error_line(tmp_path: Path, name: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(name) is not None:
-        pytest.skip(f"{name} is installed here; this checks the message when it is not")
+    # the package is hidden, not uninstalled: a stand-in first on the path fails to import as a missing one does
+    hidden = tmp_path / "hidden" / name
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
+    env = cmkd_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
     cfg = write_gin(tmp_path / "exp.gin", TINY_AST, RUN.replace("tracked", "x"), f"train.loggers = [@loggers.{name}]")
-    result = run_cmkd(["run", cfg, "--run-dir", tmp_path / "runs", "--device", "cpu"], env=cmkd_env(tmp_path))
+    result = run_cmkd(["run", cfg, "--run-dir", tmp_path / "runs", "--device", "cpu"], env=env)
     assert result.returncode == 2, result.describe()
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
