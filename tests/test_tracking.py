@@ -120,12 +120,12 @@ def test_optional_loggers_import_their_package_only_when_chosen(tmp_path: Path) 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
 def test_a_chosen_logger_without_its_package_is_one_error_line(tmp_path: Path, name: str) -> None:
-    # the package is hidden, not uninstalled: a stand-in first on the path fails to import as a missing one does
-    hidden = tmp_path / "hidden" / name
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
+    # hidden, not uninstalled: a None in sys.modules makes find_spec (preflight) and import both see no package
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text(f"import sys\nsys.modules[{name!r}] = None\n")
     env = cmkd_env(tmp_path)
-    env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden), env["PYTHONPATH"]])
     cfg = write_gin(tmp_path / "exp.gin", TINY_AST, RUN.replace("tracked", "x"), f"train.loggers = [@loggers.{name}]")
     result = run_cmkd(["run", cfg, "--run-dir", tmp_path / "runs", "--device", "cpu"], env=env)
     assert result.returncode == 2, result.describe()
