@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 import typer
 
-from cmkd.commands.common import OUT_OF_MEMORY, USER_ERRORS, exit_code, fail, fail_verbatim, message
+from cmkd.commands.common import (
+    OUT_OF_MEMORY,
+    RANK_ERRORS,
+    USER_ERRORS,
+    debugging,
+    exit_code,
+    fail,
+    fail_verbatim,
+    message,
+    rank_error,
+)
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
 # without loading torch and the modules of the other commands.
@@ -96,13 +108,25 @@ def _launch_local(nproc: int, max_restarts: int = 0) -> None:
     # new ranks can read the dead rank 0's gloo/NCCL address and fail or hang (pytorch#135712).
     # Without sharing, each rendezvous round puts its store on a fresh port.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    try:
-        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                       "-m", "cmkd", *rest])
-    except ChildFailedError as err:  # the agent has stopped the other ranks; say which one failed
-        rank, failure = err.get_first_failure()
-        fail(f"{err.name}: rank {rank} (of {nproc}) exited with code {failure.exitcode} and the other processes "
-             f"were stopped; its error is printed above", code=failure.exitcode if failure.exitcode > 0 else 1)
+    if not debugging():  # the agent logs each stopped rank at WARNING/ERROR; the one line below says it all
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="cmkd-rank-errors-") as errors:
+        os.environ[RANK_ERRORS] = errors  # ranks with a user error leave its line here instead of N copies
+        try:
+            torchrun.main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                           "-m", "cmkd", *rest])
+            return
+        except ChildFailedError as err:  # the agent has stopped the other ranks; say which one failed
+            rank, failure = err.get_first_failure()
+            name, code, said = err.name, failure.exitcode, rank_error(errors, rank)
+        finally:
+            del os.environ[RANK_ERRORS]  # this process's own error line is printed, not left in a file
+    if said is not None:
+        fail_verbatim(f"{said} (rank {rank} of {nproc}; the other processes were stopped)", code=code)
+    fail(f"{name}: rank {rank} (of {nproc}) exited with code {code} and the other processes were stopped; "
+         f"its error is printed above", code=code if code > 0 else 1)
 
 
 @app.command()

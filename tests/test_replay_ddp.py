@@ -106,6 +106,7 @@ def test_two_ranks_replay_their_own_views_as_online_ddp_trains(tmp_path: Path) -
 
     # a store made for one process: two ranks would rebuild other batches, so the run stops before training
     res = _ddp_run(gin, refused, env, *replay_kd, f"strategies.replay_kd.store = '{store1}'")
-    assert res.returncode != 0, res.describe()
-    assert "world_size: store 1, run 2" in res.stderr, res.describe()
+    assert res.returncode == 2 and "Traceback" not in res.output, res.describe()
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "world_size: store 1, run 2" in res.output, res.describe()
     assert not (refused / "ddp" / "student" / "checkpoints").exists()

@@ -15,6 +15,7 @@ from cmkd.errors import user_errors
 
 T = TypeVar("T")
 USER_ERRORS = user_errors()  # CmkdError and a missing/forbidden file: a message (exit code 2), not a traceback
+RANK_ERRORS = "CMKD_RANK_ERRORS"  # set by `cmkd run --nproc-per-node`: where each rank leaves its error line
 OUT_OF_MEMORY = ("out of memory (MemoryError); lower the batch size (train.batch_size), the number of data workers "
                  "(datasets.webdataset.num_workers) or the shuffle buffer, or use a machine with more RAM")
 
@@ -30,8 +31,23 @@ def fail(message: str, code: int = 2) -> None:
     handled = sys.exc_info()[1]
     if handled is not None and debugging():
         raise handled
+    if RANK_ERRORS in os.environ:  # a rank under `cmkd run --nproc-per-node`: the launcher says it, once
+        from rich.text import Text
+
+        with open(os.path.join(os.environ[RANK_ERRORS], f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
+            fh.write(Text.from_markup(message).plain)
+        raise typer.Exit(code)
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def rank_error(folder: str, rank: int) -> str | None:
+    """The message a rank left in ``folder`` when it failed with an `error:` line (None: it crashed)."""
+    try:
+        with open(os.path.join(folder, f"rank-{rank}")) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
 
 
 def fail_verbatim(message: str, code: int = 2) -> None:
