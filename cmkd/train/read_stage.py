@@ -57,8 +57,6 @@ def read_view_settings(configs: Sequence[str], bindings: Sequence[str] = (),
         sources = [(url, text.splitlines()), ("--bind", list(bindings))]
         with config.isolated("\n".join([text, *bindings]), None, url):
             return _read(url, stage, sources)
-    if not configs:
-        raise ConfigError("--student: give the student's gin file(s) or recipe, or a run's stage folder")
     with config.preserved():
         gin.clear_config()
         config.parse(configs, bindings)
