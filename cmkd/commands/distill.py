@@ -171,7 +171,7 @@ def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Option
 
     plugins.load_all()
     try:
-        settings, told = view_flags.resolve(flags, *student)
+        settings, told, read = view_flags.resolve(flags, *student, views=views)
         if views < 0 or settings["world_size"] < 1 or topk < 0 or dtype not in ("float16", "float32"):
             raise ValueError(f"--views {views}, --world-size {settings['world_size']}, --topk {topk}, --dtype {dtype}: "
                              f"need --views >= 1, --world-size >= 1, --topk >= 0 and --dtype float16 or float32")

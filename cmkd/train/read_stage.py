@@ -26,6 +26,7 @@ from cmkd.train.settings import TrainSettings, check_settings
 TRAIN_VIEW = ("seed", "batch_size", "mixup", "mixup_alpha", "freqm", "timem")
 # parameters of the stage's dataset that decide which clips each rank's batches hold
 DATA_STREAM = ("num_workers", "train_split")
+REPLAY = "strategies.replay_kd"  # its ``cycle`` lets a run train more epochs than the store holds views
 _SCOPED = re.compile(r"^\w+/[\w.]+ = ")  # a scoped binding in gin.config_str()
 
 
@@ -40,6 +41,8 @@ class StageSettings:
     config: str  # what was read: the gin files, or a run folder's config.gin
     stage: str
     values: dict[str, Setting]
+    epochs: Setting  # the stage's train.epochs: a store needs that many views ...
+    cycle: Setting  # ... unless strategies.replay_kd.cycle replays them again
 
 
 def read_view_settings(configs: Sequence[str], bindings: Sequence[str] = (),
@@ -88,8 +91,14 @@ def _read(where: str, stage: str | None, sources: list[tuple[str, list[str]]] | 
             found = gin.get_bindings(selector, resolve_references=False)
             values.update({name: _setting(selector, name, found, params[name].default, stage, sources)
                            for name in DATA_STREAM if name in params})
-    check_settings(stage, "train", {name: values[name].value for name in TRAIN_VIEW})
-    return StageSettings(where, stage, values)
+        epochs = _setting("train", "epochs", bound, defaults["epochs"], stage, sources)
+        try:
+            replay = gin.get_bindings(REPLAY, resolve_references=False)
+        except ValueError:  # replay_kd not registered: nothing can have bound its cycle
+            replay = {}
+        cycle = _setting(REPLAY, "cycle", replay, False, stage, sources)
+    check_settings(stage, "train", {**{name: values[name].value for name in TRAIN_VIEW}, "epochs": epochs.value})
+    return StageSettings(where, stage, values, epochs, cycle)
 
 
 def _stages() -> list[str]:
