@@ -139,6 +139,9 @@ def test_a_run_folder_is_read_by_the_saved_config_rules(made: dict, tmp_path: Pa
     (["--student", "{gin}", "-b", "student/train.epochs = 3"], "--views 2: stage 'student' of {gin} trains 3 epochs "
      "(train.epochs, --bind 'student/train.epochs = 3') and its replay run refuses a store with fewer views than "
      "epochs; pass --views 3, or bind strategies.replay_kd.cycle = True for that stage"),
+    # a teacher's run folder ran with experiment.stages = ['teacher']: its last stage is the teacher's own
+    (["--student", "{teacher}"], "--student {teacher}/config.gin: stage 'teacher' is the teacher's own stage"),
+    (["--student", "{teacher}"], "pass --stage <student stage>"),
 ])
 def test_bad_input_is_one_error_line(made: dict, tmp_path: Path, extra: list[str], says: str) -> None:
     names = dict(gin=made["gin"], teacher=made["teacher"])
@@ -155,7 +158,7 @@ def test_the_stage_epochs_and_replay_cycle_are_read(made: dict) -> None:
 
     components.load_all()
     read = read_view_settings([made["gin"]], ["student/train.epochs = 5"], "student")
-    assert (read.epochs.value, read.cycle.value) == (5, False)
+    assert (read.epochs.value, read.cycle.value, read.experiment) == (5, False, "eq")
     with pytest.raises(ValueError, match=r"pass --views 5, or bind strategies\.replay_kd\.cycle = True"):
         view_flags.check_views(4, read)
     view_flags.check_views(5, read)

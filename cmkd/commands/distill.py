@@ -179,6 +179,8 @@ def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Option
         url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
+        if read is not None:
+            view_flags.check_not_teacher(read, teacher.meta)
         name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
         ds = webdataset(data, train_split=settings.pop("train_split"), num_workers=settings["num_workers"])
         target = out or default_views_url(ds.root, name)

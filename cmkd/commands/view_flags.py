@@ -63,3 +63,12 @@ def check_views(views: int, read: StageSettings) -> None:
                          f"stage (-b {read.stage}/strategies.replay_kd.cycle=True, here and in its run) to replay "
                          f"the {views} views again")
 
+
+def check_not_teacher(read: StageSettings, teacher_meta: dict[str, Any]) -> None:
+    """A teacher's own run folder names the teacher's stage last (it ran with experiment.stages = ['teacher']):
+    its settings are the teacher's, not the student's the store is for."""
+    stage, experiment = teacher_meta.get("stage"), teacher_meta.get("experiment")
+    if read.stage == stage and read.experiment == experiment:
+        raise ValueError(f"--student {read.config}: stage {stage!r} is the teacher's own stage (its checkpoint "
+                         f"was trained as stage {stage!r} of experiment {experiment!r}), so its settings are the "
+                         f"teacher's, not the student's; pass --stage <student stage> (e.g. --stage student)")

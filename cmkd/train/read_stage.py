@@ -43,6 +43,7 @@ class StageSettings:
     values: dict[str, Setting]
     epochs: Setting  # the stage's train.epochs: a store needs that many views ...
     cycle: Setting  # ... unless strategies.replay_kd.cycle replays them again
+    experiment: str | None = None  # experiment.name (a teacher's own run folder names the teacher's)
 
 
 def read_view_settings(configs: Sequence[str], bindings: Sequence[str] = (),
@@ -98,7 +99,14 @@ def _read(where: str, stage: str | None, sources: list[tuple[str, list[str]]] | 
             replay = {}
         cycle = _setting(REPLAY, "cycle", replay, False, stage, sources)
     check_settings(stage, "train", {**{name: values[name].value for name in TRAIN_VIEW}, "epochs": epochs.value})
-    return StageSettings(where, stage, values, epochs, cycle)
+    return StageSettings(where, stage, values, epochs, cycle, _experiment())
+
+
+def _experiment() -> str | None:
+    name = gin.get_bindings("experiment", resolve_references=False).get("name")
+    if isinstance(name, ConfigurableReference):
+        name = copy.deepcopy(name)
+    return None if name is None else str(name)
 
 
 def _stages() -> list[str]:
