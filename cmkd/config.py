@@ -216,8 +216,10 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
 
 @contextlib.contextmanager
 def preserved() -> Iterator[None]:
-    """Whatever the block parses into gin, the caller's config is back afterwards."""
+    """Whatever the block parses into gin, the caller's config is back afterwards (and :data:`_SOURCES`, where
+    :func:`binding_location` and :func:`parsed_from` look)."""
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
+    sources = list(_SOURCES)
     saved = (
         {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001
         set(cfg._IMPORTS),  # noqa: SLF001
@@ -233,6 +235,7 @@ def preserved() -> Iterator[None]:
             cfg._IMPORTS.update(saved[1])  # noqa: SLF001
             cfg._OPERATIVE_CONFIG.update(saved[2])  # noqa: SLF001
             cfg._SINGLETONS.update(saved[3])  # noqa: SLF001
+        _SOURCES[:] = sources
 
 
 def _bindings(config_text: str) -> dict[str, str]:

@@ -72,3 +72,18 @@ def test_isolated_config_restores_the_callers_config():
         assert gin.query_parameter("train.epochs") == 99
     assert gin.config_str() == before
     assert gin.query_parameter("experiment.name") == "demo"
+
+
+def test_preserved_restores_where_the_callers_bindings_were_parsed_from(tmp_path):
+    """read_view_settings parses the student's files inside preserved(): binding_location and parsed_from must
+    still name the caller's files afterwards, not the student's."""
+    config.parse([str(config.recipes_dir() / "demo.gin")], ["train.epochs = 7"])
+    where = config.binding_location("train", "epochs")
+    other = tmp_path / "other.gin"
+    other.write_text("experiment.name = 'other'\ntrain.epochs = 99\n")
+    with config.preserved():
+        gin.clear_config()
+        config.parse([str(other)])
+        assert config.binding_location("train", "epochs") == f"{other}:2"
+    assert config.binding_location("train", "epochs") == where == "--bind 'train.epochs = 7'"
+    assert config.parsed_from("demo.gin") and not config.parsed_from("other.gin")

@@ -135,13 +135,37 @@ def test_a_run_folder_is_read_by_the_saved_config_rules(made: dict, tmp_path: Pa
                                                   "['teacher', 'student'] (did you mean 'student'?)"),
     (["--stage", "student"], "give --student GIN_OR_RECIPE too"),
     (["--student", "{gin}", "-b", "student/train.freqm = 'x'"], "train.freqm = 'x' (stage 'student') must be"),
+    # the replay run would refuse the store only after the teacher scored it all (ViewStore.check_epochs)
+    (["--student", "{gin}", "-b", "student/train.epochs = 3"], "--views 2: stage 'student' of {gin} trains 3 epochs "
+     "(train.epochs, --bind 'student/train.epochs = 3') and its replay run refuses a store with fewer views than "
+     "epochs; pass --views 3, or bind strategies.replay_kd.cycle = True for that stage"),
+    # a teacher's run folder ran with experiment.stages = ['teacher']: its last stage is the teacher's own
+    (["--student", "{teacher}"], "--student {teacher}/config.gin: stage 'teacher' is the teacher's own stage"),
+    (["--student", "{teacher}"], "pass --stage <student stage>"),
 ])
 def test_bad_input_is_one_error_line(made: dict, tmp_path: Path, extra: list[str], says: str) -> None:
-    res = _views(made["teacher"], made["data"], tmp_path / "views", *[e.format(gin=made["gin"]) for e in extra])
+    names = dict(gin=made["gin"], teacher=made["teacher"])
+    res = _views(made["teacher"], made["data"], tmp_path / "views", *[e.format(**names) for e in extra])
     flat = " ".join(res.output.split())
     assert res.exit_code == 2 and flat.count("error:") == 1 and "Traceback" not in flat, res.output
-    assert says.format(gin=made["gin"]) in flat, res.output
+    assert says.format(**names) in flat, res.output
     assert not (tmp_path / "views").exists()
+
+
+def test_the_stage_epochs_and_replay_cycle_are_read(made: dict) -> None:
+    from cmkd.commands import view_flags
+    from cmkd.train.read_stage import read_view_settings
+
+    components.load_all()
+    read = read_view_settings([made["gin"]], ["student/train.epochs = 5"], "student")
+    assert (read.epochs.value, read.cycle.value, read.experiment) == (5, False, "eq")
+    with pytest.raises(ValueError, match=r"pass --views 5, or bind strategies\.replay_kd\.cycle = True"):
+        view_flags.check_views(4, read)
+    view_flags.check_views(5, read)
+    cycled = read_view_settings([made["gin"]], ["student/train.epochs = 5", "strategies.replay_kd.cycle = True"])
+    assert cycled.cycle.value is True
+    view_flags.check_views(2, cycled)  # epoch e replays view e mod 2: the run accepts the store
+    assert gin.config_str() == ""
 
 
 def test_student_without_views_is_refused(made: dict) -> None:
@@ -156,10 +180,14 @@ def test_the_docs_show_what_the_command_prints_for_the_shipped_recipe() -> None:
 
     from cmkd.commands import view_flags
 
-    shown = next(b.code for b in blocks(ROOT / "docs" / "distillation.md")
+    page = blocks(ROOT / "docs" / "distillation.md")
+    shown = next(b.code for b in page
                  if b.lang == "text" and b.code.startswith("view settings (stage 'student' of gin/fsd50k/"))
+    step2 = next(b.code for b in page if b.lang == "bash" and "--student gin/fsd50k/cnn_to_ast.gin" in b.code)
+    views = int(re.search(r"--views (\d+)", step2).group(1))
     components.load_all()
-    _, lines = view_flags.resolve(dict(world_size=4), ["gin/fsd50k/cnn_to_ast.gin"],
-                                  ["DATA_ROOT='s3://bucket/fsd50k'"], "student")
+    _, lines, read = view_flags.resolve(dict(world_size=4), ["gin/fsd50k/cnn_to_ast.gin"],
+                                        ["DATA_ROOT='s3://bucket/fsd50k'"], "student", views=views)
     assert shown.splitlines() == lines
+    assert views == read.epochs.value  # K = the student stage's epochs: its replay run accepts the store
     assert gin.config_str() == ""  # the caller's (empty) config is back

@@ -171,7 +171,7 @@ def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Option
 
     plugins.load_all()
     try:
-        settings, told = view_flags.resolve(flags, *student)
+        settings, told, read = view_flags.resolve(flags, *student, views=views)
         if views < 0 or settings["world_size"] < 1 or topk < 0 or dtype not in ("float16", "float32"):
             raise ValueError(f"--views {views}, --world-size {settings['world_size']}, --topk {topk}, --dtype {dtype}: "
                              f"need --views >= 1, --world-size >= 1, --topk >= 0 and --dtype float16 or float32")
@@ -179,6 +179,8 @@ def _teacher_views(run_or_ckpt: str, data: str, out: Optional[str], name: Option
         url = resolve(run_or_ckpt, checkpoint)
         dev = pick_device(device)
         teacher = load_model(url, dev)
+        if read is not None:
+            view_flags.check_not_teacher(read, teacher.meta)
         name = name or f"{teacher.meta.get('experiment') or 'teacher'}-{teacher.meta.get('stage') or 'main'}"
         ds = webdataset(data, train_split=settings.pop("train_split"), num_workers=settings["num_workers"])
         target = out or default_views_url(ds.root, name)

@@ -26,6 +26,7 @@ from cmkd.train.settings import TrainSettings, check_settings
 TRAIN_VIEW = ("seed", "batch_size", "mixup", "mixup_alpha", "freqm", "timem")
 # parameters of the stage's dataset that decide which clips each rank's batches hold
 DATA_STREAM = ("num_workers", "train_split")
+REPLAY = "strategies.replay_kd"  # its ``cycle`` lets a run train more epochs than the store holds views
 _SCOPED = re.compile(r"^\w+/[\w.]+ = ")  # a scoped binding in gin.config_str()
 
 
@@ -40,6 +41,9 @@ class StageSettings:
     config: str  # what was read: the gin files, or a run folder's config.gin
     stage: str
     values: dict[str, Setting]
+    epochs: Setting  # the stage's train.epochs: a store needs that many views ...
+    cycle: Setting  # ... unless strategies.replay_kd.cycle replays them again
+    experiment: str | None = None  # experiment.name (a teacher's own run folder names the teacher's)
 
 
 def read_view_settings(configs: Sequence[str], bindings: Sequence[str] = (),
@@ -57,8 +61,6 @@ def read_view_settings(configs: Sequence[str], bindings: Sequence[str] = (),
         sources = [(url, text.splitlines()), ("--bind", list(bindings))]
         with config.isolated("\n".join([text, *bindings]), None, url):
             return _read(url, stage, sources)
-    if not configs:
-        raise ConfigError("--student: give the student's gin file(s) or recipe, or a run's stage folder")
     with config.preserved():
         gin.clear_config()
         config.parse(configs, bindings)
@@ -90,8 +92,21 @@ def _read(where: str, stage: str | None, sources: list[tuple[str, list[str]]] | 
             found = gin.get_bindings(selector, resolve_references=False)
             values.update({name: _setting(selector, name, found, params[name].default, stage, sources)
                            for name in DATA_STREAM if name in params})
-    check_settings(stage, "train", {name: values[name].value for name in TRAIN_VIEW})
-    return StageSettings(where, stage, values)
+        epochs = _setting("train", "epochs", bound, defaults["epochs"], stage, sources)
+        try:
+            replay = gin.get_bindings(REPLAY, resolve_references=False)
+        except ValueError:  # replay_kd not registered: nothing can have bound its cycle
+            replay = {}
+        cycle = _setting(REPLAY, "cycle", replay, False, stage, sources)
+    check_settings(stage, "train", {**{name: values[name].value for name in TRAIN_VIEW}, "epochs": epochs.value})
+    return StageSettings(where, stage, values, epochs, cycle, _experiment())
+
+
+def _experiment() -> str | None:
+    name = gin.get_bindings("experiment", resolve_references=False).get("name")
+    if isinstance(name, ConfigurableReference):
+        name = copy.deepcopy(name)
+    return None if name is None else str(name)
 
 
 def _stages() -> list[str]:
