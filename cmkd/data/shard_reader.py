@@ -23,8 +23,9 @@ from cmkd.errors import CmkdError
 # stream cut short.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, EOFError, tarfile.ReadError, *storage.transient_errors())
-# OSErrors that no retry will fix.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Errors that no retry will fix (botocore's no-credentials errors are BotoCoreErrors, listed as transient too).
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    *storage.credential_errors())
 
 
 class ShardError(CmkdError, RuntimeError):
