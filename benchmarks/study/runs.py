@@ -16,7 +16,7 @@ from study.setup import ALL, CELLS, CMKD, CORE, ESC_FOLDS, FSDD_PAIRS, REPO, fsd
 
 # The budget probe: AST alone on a ladder of epoch budgets, each a full cosine run (a single
 # long run's curve does not show where a shorter cosine run would plateau).
-PROBE_RUNGS = {"esc10": [25, 50, 100, 150], "fsdd": [12, 25, 50, 100, 150]}
+PROBE_RUNGS = {"esc10": [25, 50, 100, 150, 200], "fsdd": [12, 25, 50, 100, 150, 200]}
 PROBE_RUNS = {"esc10": [("fold1", 0), ("fold2", 1)], "fsdd": [("nicolas-theo", 0), ("george-jackson", 1)]}
 
 
