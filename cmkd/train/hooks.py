@@ -6,6 +6,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from cmkd.errors import CmkdError
+from cmkd.train.loggers import LoggerError
+
 
 class Callback(Protocol):
     """Hooks called on rank 0 and every rank alike; implement any subset (missing ones are skipped)."""
@@ -24,11 +27,22 @@ callbacks: list[Any] = []  # registered observers, e.g. a TensorBoard writer a p
 
 
 def notify(event: str, trainer: Any, payload: dict[str, Any], extra: Sequence[Any] = ()) -> None:
-    """Call ``event`` on the registered observers, then on ``extra`` (the stage's own loggers)."""
+    """Call ``event`` on the registered observers, then on ``extra`` (the stage's own loggers).
+
+    An observer that raises (a tracker's server gone, a full disk) stops the run with one error line
+    naming it; cmkd's own errors (a run folder's store gone) already say what and where."""
     for cb in [*callbacks, *extra]:
         hook = getattr(cb, event, None)
-        if hook is not None:
+        if hook is None:
+            continue
+        try:
             hook(trainer, payload)
+        except CmkdError:
+            raise
+        except Exception as err:
+            raise LoggerError(f"{type(cb).__name__}.{event} failed ({type(err).__name__}: {err}); the run stopped "
+                              f"(`cmkd run ... --resume` continues from the last checkpoint), or drop it from "
+                              f"train.loggers") from err
 
 
 class StepLogs:

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from typing import Any
 
 from cmkd import storage
@@ -253,8 +254,9 @@ def log_report_figures(report_dir: str, figures: list[str]) -> None:
         board.close()
 
 
-def close_all(active: list[Any]) -> None:
-    """Close every logger, even after one failed to (then raise the first failure)."""
+def close_all(active: list[Any], quiet: bool = False) -> None:
+    """Close every logger, even after one failed to; then raise the first failure, or with ``quiet``
+    (the run is already failing) only warn about it."""
     first: BaseException | None = None
     for logger in active:
         close = getattr(logger, "close", None)
@@ -263,5 +265,7 @@ def close_all(active: list[Any]) -> None:
                 close()
         except Exception as err:  # noqa: BLE001 - re-raised below, once the others are closed
             first = first or err
-    if first is not None:
+    if first is not None and quiet:
+        warnings.warn(f"closing a logger also failed ({type(first).__name__}: {first})", stacklevel=2)
+    elif first is not None:
         raise first

@@ -126,9 +126,12 @@ class Trainer:
                 self.bar.start_from(pos.step)
                 for epoch in range(pos.epoch, s.epochs):
                     self.train_epoch(epoch)
-            return self.finish(t_start)
-        finally:
-            loggers.close_all(self.loggers)
+            summary = self.finish(t_start)
+        except BaseException:
+            loggers.close_all(self.loggers, quiet=True)  # a logger's close error must not hide why the run stopped
+            raise
+        loggers.close_all(self.loggers)
+        return summary
 
     def train_epoch(self, epoch: int) -> None:
         s, env, pos = self.s, self.env, self.state.position
@@ -238,7 +241,6 @@ class Trainer:
                       **waits.record(time.perf_counter() - t_epoch),
                       **{f"eval_{k}": v for k, v in metrics.items()})
         pos.history.append(record)
-        hooks.notify("on_epoch_end", self, record, self.loggers)
         improved = not pos.best or metrics[self.metric_name] > pos.best[f"eval_{self.metric_name}"]
         if improved:
             pos.best = record
@@ -257,6 +259,7 @@ class Trainer:
             self.bar.note(f"  epoch {epoch + 1}: train loss {train_loss:.4f}, eval {self.metric_name} "
                           f"{metrics[self.metric_name]:.4f}{' (best)' if improved else ''}"
                           f"{skip_note(skipped, retries, st.nan_skipped)}")
+        hooks.notify("on_epoch_end", self, record, self.loggers)  # after the checkpoint: no epoch lost to a tracker
         distributed.barrier(env)
 
     def finish(self, t_start: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from cmkd.distill.strategies import NoDistillation
-from cmkd.registry import strategies
+from cmkd.registry import loggers, strategies
 
 
 class _Wrapped:
@@ -95,3 +95,17 @@ def kill_once(loss: Any = None, at_call: int = 3, rank: int = 0, marker: str = "
 def nan_at(loss: Any = None, at_call: int = 3) -> _NanAt:
     """Ground-truth loss, NaN at call ``at_call``."""
     return _NanAt(loss, at_call)
+
+
+@loggers.register("broken_tracker")
+class BrokenTracker:
+    """A tracker whose server goes away after the first epoch: ``on_epoch_end`` raises, so does ``close``."""
+
+    def __init__(self, stage_dir: str) -> None:  # loggers are built with the stage's context they name
+        self.stage_dir = stage_dir
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        raise ConnectionError("tracking server at http://127.0.0.1:9 refused the connection")
+
+    def close(self) -> None:
+        raise ConnectionError("tracking server gone")

@@ -4,12 +4,14 @@ through the real CLI (and a real S3 server for the storage cases)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from faultkit import FAULTS_DIR
 from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
 from s3_store import S3Store
 
@@ -201,6 +203,16 @@ def test_a_tracker_that_cannot_start_is_one_error_line(tmp_path: Path) -> None:
                   args=("--device", "cpu"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_DISABLE_TELEMETRY="true")
     assert_one_error_line(result, "@loggers.mlflow could not start", server, "loggers.mlflow.", "train.loggers")
     assert not (tmp_path / "runs" / "faults" / "teacher" / "checkpoints").exists()
+
+
+def test_a_tracker_that_fails_mid_run_is_one_error_line_and_its_close_error_does_not_hide_it(tmp_path: Path) -> None:
+    paths = os.pathsep.join([str(FAULTS_DIR), cmkd_env(tmp_path)["PYTHONPATH"]])
+    result = _run(tmp_path, "import fault_plugins", "train.loggers = [@loggers.broken_tracker]",
+                  args=("--device", "cpu"), PYTHONPATH=paths)
+    message = assert_one_error_line(result, "BrokenTracker.on_epoch_end failed", "refused the connection", "--resume",
+                                    "train.loggers")
+    assert "tracking server gone" not in message  # the close error is a warning, not the reason
+    assert (tmp_path / "runs" / "faults" / "teacher" / "checkpoints" / "last.pt").exists()  # epoch 1 is kept
 
 
 @pytest.mark.parametrize("how", ["--debug", "CMKD_DEBUG=1"])
