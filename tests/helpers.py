@@ -164,3 +164,23 @@ def read_json(path: Path | str) -> Any:
 
     with fsspec.open(str(path), "rt") as f:
         return json.load(f)
+
+
+def tiny_kd_run(name: str, train_samples: int, eval_samples: int, log_every: int) -> str:
+    """Gin text of a two-stage run on the built-in set: a CNN teacher, then an AST student taught by
+    it with logit_kd (add TINY_AST and TINY_CNN for the model sizes)."""
+    return f"""
+train.dataset = @datasets.synthetic
+datasets.synthetic.train_samples = {train_samples}
+datasets.synthetic.eval_samples = {eval_samples}
+datasets.synthetic.clip_seconds = 0.5
+datasets.synthetic.num_workers = 0
+train.batch_size = 4
+train.log_every = {log_every}
+experiment.name = '{name}'
+experiment.stages = ['teacher', 'student']
+teacher/classifier.backbone = @backbones.efficientnet
+teacher/classifier.pooler = @poolers.mean
+student/train.strategy = @strategies.logit_kd
+strategies.logit_kd.teacher = 'teacher'
+"""

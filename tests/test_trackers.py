@@ -9,25 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import TINY_AST, TINY_CNN, cmkd_env, read_jsonl, run_cmkd, write_gin
+from helpers import TINY_AST, TINY_CNN, cmkd_env, read_jsonl, run_cmkd, tiny_kd_run, write_gin
 
 pytestmark = pytest.mark.timeout(300)
 
-RUN = """
-train.dataset = @datasets.synthetic
-datasets.synthetic.train_samples = 8
-datasets.synthetic.eval_samples = 4
-datasets.synthetic.clip_seconds = 0.5
-datasets.synthetic.num_workers = 0
-train.batch_size = 4
-train.log_every = 1
-experiment.name = 'tracked'
-experiment.stages = ['teacher', 'student']
-teacher/classifier.backbone = @backbones.efficientnet
-teacher/classifier.pooler = @poolers.mean
-student/train.strategy = @strategies.logit_kd
-strategies.logit_kd.teacher = 'teacher'
-"""
+RUN = tiny_kd_run('tracked', 8, 4, 1)
 STAGES = ("teacher", "student")
 
 

@@ -8,25 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, write_gin
+from helpers import TINY_AST, TINY_CNN, cmkd_env, run_cmkd, tiny_kd_run, write_gin
 
 pytestmark = pytest.mark.timeout(300)
 
-RUN = """
-train.dataset = @datasets.synthetic
-datasets.synthetic.train_samples = 16
-datasets.synthetic.eval_samples = 8
-datasets.synthetic.clip_seconds = 0.5
-datasets.synthetic.num_workers = 0
-train.batch_size = 4
-train.log_every = 2
-experiment.name = 'tracked'
-experiment.stages = ['teacher', 'student']
-teacher/classifier.backbone = @backbones.efficientnet
-teacher/classifier.pooler = @poolers.mean
-student/train.strategy = @strategies.logit_kd
-strategies.logit_kd.teacher = 'teacher'
-"""
+RUN = tiny_kd_run('tracked', 16, 8, 2)
 
 
 @pytest.fixture(scope="module")
