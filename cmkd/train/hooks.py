@@ -29,10 +29,15 @@ callbacks: list[Any] = []  # registered observers, e.g. a TensorBoard writer a p
 def notify(event: str, trainer: Any, payload: dict[str, Any], extra: Sequence[Any] = ()) -> None:
     """Call ``event`` on the registered observers, then on ``extra`` (the stage's own loggers).
 
-    An observer that raises (a tracker's server gone, a full disk) stops the run with one error line
-    naming it; cmkd's own errors (a run folder's store gone) already say what and where."""
-    for cb in [*callbacks, *extra]:
+    A logger that raises (a tracker's server gone) stops the run with one error line naming it;
+    cmkd's own errors (a run folder's store gone) already say what and where, and a registered
+    observer's exception is its own (it may stop the run on purpose)."""
+    for cb in callbacks:
         hook = getattr(cb, event, None)
+        if hook is not None:
+            hook(trainer, payload)
+    for logger in extra:
+        hook = getattr(logger, event, None)
         if hook is None:
             continue
         try:
@@ -40,9 +45,9 @@ def notify(event: str, trainer: Any, payload: dict[str, Any], extra: Sequence[An
         except CmkdError:
             raise
         except Exception as err:
-            raise LoggerError(f"{type(cb).__name__}.{event} failed ({type(err).__name__}: {err}); the run stopped "
-                              f"(`cmkd run ... --resume` continues from the last checkpoint), or drop it from "
-                              f"train.loggers") from err
+            raise LoggerError(f"{type(logger).__name__}.{event} failed ({type(err).__name__}: {err}); the run "
+                              f"stopped (`cmkd run ... --resume` continues from the last checkpoint), or drop it "
+                              f"from train.loggers") from err
 
 
 class StepLogs:
