@@ -174,6 +174,19 @@ def test_student_without_views_is_refused(made: dict) -> None:
     assert res.exit_code == 2 and "without --views nothing uses them" in " ".join(res.output.split()), res.output
 
 
+@pytest.mark.parametrize("extra, said", [
+    (["--freqm", "4"], "--freqm: these set up --views K"),  # a view setting without --views
+    (["--topk", "5", "--seed", "1"], "--seed, --topk: these set up --views K"),
+    (["--views", "2", "--split", "eval"], "--split: not used with --views K"),  # a clean-logits option with --views
+    (["--views", "2", "--amp"], "--amp: not used with --views K"),
+])
+def test_an_option_the_mode_does_not_use_is_refused(made: dict, extra: list, said: str) -> None:
+    res = CliRunner().invoke(app, ["teacher-logits", str(made["teacher"]), str(made["data"]), *extra],
+                             terminal_width=300)
+    assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+    assert not (Path(made["data"]) / "teacher_logits").exists() or "--views" in extra  # refused before scoring
+
+
 def test_the_docs_show_what_the_command_prints_for_the_shipped_recipe() -> None:
     """docs/distillation.md shows step 2's settings for gin/fsd50k/cnn_to_ast.gin: the same lines as read now."""
     from docs_examples import ROOT, blocks

@@ -85,12 +85,20 @@ def teacher_logits(
     out = prefer(output, out_old, "--out")
     flags = dict(seed=seed, batch_size=batch_size, world_size=world_size, num_workers=num_workers, mixup=mixup,
                  mixup_alpha=mixup_alpha, freqm=freqm, timem=timem, train_split=list(train_split))
+    # each mode's own options: one given to the other mode would be silently ignored, so it is refused
+    views_only = {"--student": student, "--stage": stage, "-b/--bind": bind, "--seed": seed, "--world-size": world_size,
+                  "--mixup": mixup, "--mixup-alpha": mixup_alpha, "--freqm": freqm, "--timem": timem,
+                  "--dtype": dtype != "float16", "--topk": topk}
+    clean_only = {"--split": split, "--amp": amp}
+    unused = [f for f, v in (clean_only if views else views_only).items() if v not in (None, False, 0, [], "")]
+    if unused and views:
+        fail(f"{', '.join(unused)}: not used with --views K, which scores the training split(s) in fp32; "
+             f"drop {'them' if len(unused) > 1 else 'it'}, or score clean logits without --views")
+    if unused:
+        fail(f"{', '.join(unused)}: these set up --views K (replay_kd); without --views nothing uses them")
     if views:
         return _teacher_views(run_or_ckpt, data, out, name, checkpoint, device, overwrite, views, flags,
                               (list(student), list(bind), stage), dtype, topk)
-    given = [f for f, v in (("--student", student), ("--stage", stage), ("-b/--bind", bind)) if v]
-    if given:
-        fail(f"{', '.join(given)}: these read the student's settings for --views K; without --views nothing uses them")
     batch_size = 32 if batch_size is None else batch_size
     num_workers = 2 if num_workers is None else num_workers
     from cmkd import plugins, storage
