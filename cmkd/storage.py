@@ -174,8 +174,29 @@ def configure(options: dict[str, dict[str, Any]] | None) -> None:
     _CONFIGURED.update({str(p): dict(o) for p, o in (options or {}).items()})
 
 
+def _drop_orphaned_connection_errors(loop: Any, context: dict[str, Any]) -> None:
+    """fsspec's async stores (s3fs, gcsfs) run requests on one event loop in a thread. When a store
+    dies mid-write, aiohttp's send task can fail with nobody awaiting it, and asyncio prints that as
+    a traceback ("Task exception was never retrieved"). The request that failed raises its own
+    error, which cmkd says in one line, so the orphan's connection error is shown only with --debug."""
+    debugging = os.environ.get("CMKD_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    if isinstance(context.get("exception"), ConnectionError) and not debugging:
+        return
+    loop.default_exception_handler(context)
+
+
+def _quiet_orphaned_requests() -> None:
+    from fsspec.asyn import get_loop
+
+    loop = get_loop()
+    if loop.get_exception_handler() is not _drop_orphaned_connection_errors:
+        loop.set_exception_handler(_drop_orphaned_connection_errors)
+
+
 def options_for(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fsspec options for ``url``: its longest configured prefix's, overridden by ``storage_options``."""
+    if "://" in str(url) and not str(url).startswith("file://"):
+        _quiet_orphaned_requests()
     table = {**_gin_options(), **_CONFIGURED}
     prefixes = [p for p in table if str(url).startswith(p)]
     base = table[max(prefixes, key=len)] if prefixes else {}

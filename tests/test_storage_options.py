@@ -82,3 +82,29 @@ def test_no_module_but_storage_imports_fsspec():
             if any(m == "fsspec" or m.startswith("fsspec.") for m in modules):
                 found.append(f"{name}:{node.lineno}")
     assert not found, f"open files through cmkd.storage instead: {found}"
+
+
+def test_an_orphaned_connection_error_on_fsspecs_loop_is_not_printed(monkeypatch) -> None:
+    """A store that dies mid-write can leave aiohttp's send task failed with nobody awaiting it; asyncio
+    would print it as a traceback beside cmkd's one error line. Other errors still reach asyncio's handler."""
+    from cmkd import storage
+
+    shown = []
+
+    class Loop:
+        def default_exception_handler(self, context):
+            shown.append(context["exception"])
+
+    monkeypatch.delenv("CMKD_DEBUG", raising=False)
+    storage._drop_orphaned_connection_errors(Loop(), {"exception": ConnectionResetError("closing transport")})
+    assert shown == []
+    other = ValueError("a bug")
+    storage._drop_orphaned_connection_errors(Loop(), {"exception": other})
+    assert shown == [other]
+    monkeypatch.setenv("CMKD_DEBUG", "1")  # --debug shows everything
+    storage._drop_orphaned_connection_errors(Loop(), {"exception": ConnectionResetError("closing transport")})
+    assert len(shown) == 2
+    storage.options_for("s3://bucket/x")  # a remote URL installs it on fsspec's loop
+    from fsspec.asyn import get_loop
+
+    assert get_loop().get_exception_handler() is storage._drop_orphaned_connection_errors
