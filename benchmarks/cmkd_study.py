@@ -49,8 +49,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results markdown (default benchmarks/results.md; "
                                                          "--quick: <work>/quick/results.md)")
     p.add_argument("--no-docs", dest="docs", action="store_false",
-                   help="leave docs/distillation.md alone (--quick never touches it)")
+                   help="leave docs/distillation.md alone (--quick and --out never touch it: it links results.md)")
     args = p.parse_args()
+    if args.out is not None:
+        args.docs = False
     args.command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
     if args.quick:
         args.docs, args.work, args.tau = False, args.work / "quick", False
