@@ -109,9 +109,9 @@ def _launch_local(nproc: int, max_restarts: int = 0) -> None:
     # Without sharing, each rendezvous round puts its store on a fresh port.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if not debugging():  # the agent logs each stopped rank at WARNING/ERROR; the one line below says it all
-        for name in list(logging.root.manager.loggerDict):
-            if name.startswith("torch.distributed.elastic"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
+        for logger_name in list(logging.root.manager.loggerDict):
+            if logger_name.startswith("torch.distributed.elastic"):
+                logging.getLogger(logger_name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="cmkd-rank-errors-") as errors:
         os.environ[RANK_ERRORS] = errors  # ranks with a user error leave its line here instead of N copies
         try:
