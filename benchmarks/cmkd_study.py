@@ -57,7 +57,7 @@ def parse() -> argparse.Namespace:
     if args.quick:
         args.docs, args.work, args.tau = False, args.work / "quick", False
         args.seeds, args.folds, args.pairs = "0", "1", "0"
-        runs.PROBE_RUNGS = {"esc10": [1, 2], "fsdd": [1, 2]}
+        runs.PROBE_RUNGS, runs.PROBE_STEP = {"esc10": [1, 2], "fsdd": [1, 2]}, 1
         runs.PROBE_RUNS = {k: v[:1] for k, v in runs.PROBE_RUNS.items()}
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
     args.folds = [int(f) for f in str(args.folds).split(",") if f != ""]
@@ -79,8 +79,20 @@ def prepare(args: argparse.Namespace, logs: Path) -> None:
             prepare_fsdd(args.data / "fsdd", fsdd_root(args.work, pair), pair, logs / "prepare.log")
 
 
+def plan(args: argparse.Namespace, gins: dict[str, Path]) -> tuple[list, dict, list]:
+    """The probe's groups, the budgets it has settled (or --budget) and the grid at those budgets."""
+    from study import results
+
+    probe = results.probe_plan(args.work, gins)
+    budgets = results.budgets(probe, args.budget)
+    known = {ds: e for ds, e in budgets.items() if e is not None}
+    grid = runs.grid_groups(args.work, {ds: gins[ds] for ds in known}, known, args.seeds, args.folds, args.pairs,
+                            args.tau)
+    return probe, budgets, grid
+
+
 def main() -> None:
-    from study import report, results
+    from study import report
 
     args = parse()
     logs = args.work / "logs"
@@ -90,23 +102,25 @@ def main() -> None:
     wall = json.loads(ledger.read_text()) if ledger.exists() else {"first_start": t0, "running": 0.0, "invocations": 0}
     ledger.write_text(json.dumps(wall))
     gins = runs.write_gins(args.work, args.datasets)
-    probe = runs.probe_groups(args.work, gins)
-    budgets = results.budgets(probe, args.budget)
-    known = {ds: e for ds, e in budgets.items() if e is not None}
-    grid = runs.grid_groups(args.work, {ds: gins[ds] for ds in known}, known, args.seeds, args.folds, args.pairs,
-                            args.tau)
+    probe, budgets, grid = plan(args, gins)
     if not args.report_only:
         prepare(args, logs)
         if args.probe:
             to_run = probe
         else:
             if missing := [ds for ds in args.datasets if budgets.get(ds) is None]:
-                raise SystemExit(f"no budget for {missing}: run --probe first (or pass --budget DATASET=EPOCHS)")
+                raise SystemExit(f"no settled budget for {missing}: run --probe to the end first (or pass "
+                                 "--budget DATASET=EPOCHS)")
             to_run = grid
         print(f"work dir {args.work}; {len(to_run)} groups; commands like:\n  {shlex.join(to_run[0].command())}",
               flush=True)
         try:
             runs.run_groups(to_run, args.jobs, logs)
+            # The finished rungs may have grown the ladder (still rising): run the new rung, and so on.
+            while args.probe and len(more := plan(args, gins)[0]) > len(probe):
+                probe = to_run = more
+                runs.run_groups(to_run, args.jobs, logs)
+            probe, budgets, grid = plan(args, gins)
         finally:
             wall["running"] += time.time() - t0
             wall["invocations"] += 1

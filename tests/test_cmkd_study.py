@@ -81,3 +81,42 @@ def test_partial_grid_table_states_runs_and_se_per_cell(study):
     assert not any(line.startswith("| AST alone |") for line in table)  # no runs, no row
     d = results.vs_baseline(cells, "ast_to_cnn")
     assert d.n == 2 and d.resolved().startswith("positive")  # +3.0 pp > 2 × 1.0 SE
+
+
+def test_a_still_rising_ladder_grows_by_one_rung_and_the_grid_waits(study, tmp_path):
+    """probe_plan adds a rung above a finished ladder that is still rising; budgets() settles only
+    once a rung's successor adds less than 1 pp. The runs are metrics files, as cmkd writes them."""
+    import json
+
+    _, results, _ = study
+    from study import runs
+
+    gins = {"esc10": tmp_path / "esc10.gin"}
+    gins["esc10"].write_text("# a study gin\n")
+    base = {"esc10": [10, 20]}
+
+    def finish(epochs: int, accuracy: dict[tuple, float]) -> None:
+        for g in runs.probe_groups(tmp_path, gins, {"esc10": [epochs]}):
+            d = g.stage_dir("ast")
+            d.mkdir(parents=True)
+            acc = accuracy[(g.split, g.seed)]
+            d.joinpath("metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": i + 1, "eval_accuracy": acc}) + "\n" for i in range(epochs)))
+            d.joinpath("summary.json").write_text(json.dumps({"finished": True}))
+
+    old = runs.PROBE_RUNGS
+    runs.PROBE_RUNGS = base
+    try:
+        finish(10, {("fold1", 0): 0.50, ("fold2", 1): 0.52})
+        assert {g.epochs for g in results.probe_plan(tmp_path, gins)} == {10, 20}  # 20 not finished: no growth
+        finish(20, {("fold1", 0): 0.60, ("fold2", 1): 0.62})  # +10 pp: still rising
+        probe = results.probe_plan(tmp_path, gins)
+        assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
+        assert results.budgets(probe, {}) == {"esc10": None}  # the grid waits for the new rung
+        assert results.budgets(probe, {"esc10": 20}) == {"esc10": 20}  # unless set by hand
+        finish(20 + runs.PROBE_STEP, {("fold1", 0): 0.605, ("fold2", 1): 0.62})  # +0.25 pp: settled
+        probe = results.probe_plan(tmp_path, gins)
+        assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
+        assert results.budgets(probe, {}) == {"esc10": 20}
+    finally:
+        runs.PROBE_RUNGS = old

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study import plot, stats
+from study import plot, runs, stats
 from study.results import (
     Cell,
     budgets,
@@ -55,8 +55,9 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
          f"a shorter run would plateau. The probe therefore trains **AST alone** as separate full runs on a ladder "
          f"of budgets, scores each run as the **mean eval accuracy over its last k epochs** (k = 10 % of the "
          f"budget, at least 3), averages the probe runs, and takes as the budget the **smallest rung whose next "
-         f"rung adds less than {stats.GAIN_PP:.0f} pp**. If every step adds more, the largest rung is used and "
-         "marked as still improving. The same budget is used for every cell of the dataset, KD cells included.", ""]
+         f"rung adds less than {stats.GAIN_PP:.0f} pp**. While every step adds more, the ladder grows by "
+         f"{runs.PROBE_STEP} epochs at a time, and the grid waits for it. The same budget is used for every cell "
+         "of the dataset, KD cells included.", ""]
     scores = probe_scores(probe)
     for ds in scores:
         lad = ladder(probe, ds)
@@ -84,10 +85,9 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
         elif plateau:
             verdict = f"**{b} epochs** (the next rung adds less than {stats.GAIN_PP:.0f} pp)"
         else:
-            done = [e for e in lad if lad[e]]
-            verdict = (f"**{b} epochs**, the largest rung finished — the AST was still improving by more than "
-                       f"{stats.GAIN_PP:.0f} pp per rung" + (" (longer rungs not finished yet)"
-                                                            if len(done) < len(lad) else ""))
+            pending = next((e for e in sorted(lad) if not lad[e]), "?")
+            verdict = (f"**not chosen yet**: the AST alone was still improving by at least {stats.GAIN_PP:.0f} pp "
+                       f"per rung up to {b} epochs, so the {pending}-epoch rung runs before the grid")
         L += ["", f"Budget for {NAMES[ds]}: {verdict}.", ""]
     return L
 

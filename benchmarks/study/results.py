@@ -4,10 +4,11 @@ grid's cells (last-k means), the paired differences and the findings. Writing is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from study import stats
-from study.runs import PROBE_RUNGS, PROBE_RUNS, Group
+from study import runs, stats
+from study.runs import PROBE_RUNS, Group
 from study.setup import BASELINE, CELLS
 
 
@@ -42,8 +43,30 @@ def ladder(probe: list[Group], ds: str) -> dict[int, list[float]]:
     return {e: ([v[k] for k in sorted(v)] if set(v) == want else []) for e, v in rungs.items()}
 
 
+def probe_plan(work: Path, gins: dict[str, Path]) -> list[Group]:
+    """The probe's groups: PROBE_RUNGS, and for a dataset whose rungs are all finished and still rising
+    (no rung's successor adds less than GAIN_PP), one more rung PROBE_STEP epochs above the top. The
+    ladder is a function of the finished runs, so every invocation (--report-only too) sees the same one."""
+    rungs = {ds: list(runs.PROBE_RUNGS[ds]) for ds in gins}
+    while True:
+        probe = runs.probe_groups(work, gins, rungs)
+        grew = False
+        for ds in gins:
+            lad = ladder(probe, ds)
+            if lad and all(lad.values()) and not stats.choose_budget(lad)[1]:
+                rungs[ds].append(max(rungs[ds]) + runs.PROBE_STEP)
+                grew = True
+        if not grew:
+            return probe
+
+
 def budgets(probe: list[Group], overrides: dict[str, int]) -> dict[str, int | None]:
-    out: dict[str, int | None] = {ds: stats.choose_budget(ladder(probe, ds))[0] for ds in {g.dataset for g in probe}}
+    """The budget of each dataset whose ladder has settled (a rung whose next adds < GAIN_PP); None while
+    the ladder still rises (its next rung is to run: probe_plan grows a finished, rising ladder)."""
+    out: dict[str, int | None] = {}
+    for ds in {g.dataset for g in probe}:
+        b, settled = stats.choose_budget(ladder(probe, ds))
+        out[ds] = b if settled else None
     out.update(overrides)
     return out
 
@@ -136,10 +159,6 @@ def findings(cells: dict[str, Cell]) -> list[tuple[str, list[Diff]]]:
 
 def probe_runs_text() -> dict[str, str]:
     return {ds: ", ".join(f"{split} seed {seed}" for split, seed in v) for ds, v in PROBE_RUNS.items()}
-
-
-def rungs_of(ds: str) -> list[int]:
-    return PROBE_RUNGS[ds]
 
 
 def count(groups: list[Group]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from study.setup import ALL, CELLS, CMKD, CORE, ESC_FOLDS, FSDD_PAIRS, REPO, fsd
 # The budget probe: AST alone on a ladder of epoch budgets, each a full cosine run (a single
 # long run's curve does not show where a shorter cosine run would plateau).
 PROBE_RUNGS = {"esc10": [25, 50, 100, 150, 200], "fsdd": [12, 25, 50, 100, 150, 200]}
+PROBE_STEP = 100  # a ladder whose every rung is finished and still rising grows by this many epochs
 PROBE_RUNS = {"esc10": [("fold1", 0), ("fold2", 1)], "fsdd": [("nicolas-theo", 0), ("george-jackson", 1)]}
 
 
@@ -96,15 +97,17 @@ def splits_of(ds: str, folds: list[int], pairs: list[int]) -> list[str]:
     return [f"fold{f}" for f in folds] if ds == "esc10" else ["-".join(FSDD_PAIRS[i]) for i in pairs]
 
 
-def probe_groups(work: Path, gins: dict[str, Path]) -> list[Group]:
-    """Both probe runs of each dataset, the first run of both datasets first."""
+def probe_groups(work: Path, gins: dict[str, Path], rungs: dict[str, list[int]] | None = None) -> list[Group]:
+    """Both probe runs of each dataset on its ladder (PROBE_RUNGS unless given), the first run of both
+    datasets first."""
+    rungs = rungs or PROBE_RUNGS
     out = []
     for i in range(max(len(PROBE_RUNS[ds]) for ds in gins)):
         for ds in gins:
             if i >= len(PROBE_RUNS[ds]):
                 continue
             split, seed = PROBE_RUNS[ds][i]
-            out += [make_group(work, gins, ds, split, seed, e, ["ast"]) for e in PROBE_RUNGS[ds]]
+            out += [make_group(work, gins, ds, split, seed, e, ["ast"]) for e in rungs[ds]]
     return out
 
 
