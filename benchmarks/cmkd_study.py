@@ -17,15 +17,13 @@ this script (benchmarks/study/), never typed in.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import runs  # noqa: E402
+from study import ledger, runs  # noqa: E402
 from study.setup import FSDD_PAIRS, REPO, fsdd_root, prepare_esc10, prepare_fsdd  # noqa: E402
 
 
@@ -97,10 +95,6 @@ def main() -> None:
     args = parse()
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    ledger = args.work / "wall_time.json"  # the study may be stopped and continued: the time adds up
-    wall = json.loads(ledger.read_text()) if ledger.exists() else {"first_start": t0, "running": 0.0, "invocations": 0}
-    ledger.write_text(json.dumps(wall))
     gins = runs.write_gins(args.work, args.datasets)
     probe, budgets, grid = plan(args, gins)
     if not args.report_only:
@@ -114,20 +108,15 @@ def main() -> None:
             to_run = grid
         print(f"work dir {args.work}; {len(to_run)} groups; commands like:\n  {shlex.join(to_run[0].command())}",
               flush=True)
-        try:
+        with ledger.Ledger(args.work):  # the study may be stopped and continued: its wall time adds up
             runs.run_groups(to_run, args.jobs, logs)
             # The finished rungs may have grown the ladder (still rising): run the new rung, and so on.
             while args.probe and len(more := plan(args, gins)[0]) > len(probe):
                 probe = to_run = more
                 runs.run_groups(to_run, args.jobs, logs)
-            probe, budgets, grid = plan(args, gins)
-        finally:
-            wall["running"] += time.time() - t0
-            wall["invocations"] += 1
-            wall["last_end"] = time.time()
-            ledger.write_text(json.dumps(wall))
+        probe, budgets, grid = plan(args, gins)
     md = args.out or (args.work / "results.md" if args.quick else REPO / "benchmarks" / "results.md")
-    report.write(args, gins, probe, grid, wall, md)
+    report.write(args, gins, probe, grid, md)
     print(f"wrote {md} and {md.with_suffix('.png')}")
 
 

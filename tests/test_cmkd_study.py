@@ -120,3 +120,23 @@ def test_a_still_rising_ladder_grows_by_one_rung_and_the_grid_waits(study, tmp_p
         assert results.budgets(probe, {}) == {"esc10": 20}
     finally:
         runs.PROBE_RUNGS = old
+
+
+def test_wall_time_is_the_union_of_the_invocations_intervals_and_survives_a_kill(study, tmp_path):
+    import time
+
+    from study import ledger
+
+    assert ledger.union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30  # overlaps counted once
+    assert ledger.union_seconds([]) == 0
+    ledger.HEARTBEAT, old = 0.05, ledger.HEARTBEAT
+    try:
+        with ledger.Ledger(tmp_path) as running:
+            time.sleep(0.3)
+            # While it runs, the heartbeat has already moved its end on: a kill now loses < HEARTBEAT.
+            (start, end), = ledger.intervals(tmp_path)
+            assert start == running.start and end - start >= 0.2
+    finally:
+        ledger.HEARTBEAT = old
+    (start, end), = ledger.intervals(tmp_path)
+    assert end - start >= 0.3

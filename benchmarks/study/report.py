@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study import plot, runs, stats
+from study import ledger, plot, runs, stats
 from study.results import (
     Cell,
     budgets,
@@ -136,8 +136,7 @@ def verdict(results: dict[str, dict[str, Cell]]) -> list[str]:
     return L
 
 
-def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group], wall: dict[str, Any],
-          md: Path) -> str:
+def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group], md: Path) -> str:
     chosen = budgets(probe, args.budget)
     results = collect(grid)
     png = md.with_suffix(".png")
@@ -160,10 +159,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
     L += [f"- **Command:** `{args.command}` (probe: `--probe`; tables only: `--report-only`)",
           f"- **Machine:** {machine()}; {args.jobs} `cmkd run` processes at a time, sharing the 2 cores with other "
           f"work (load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}).",
-          f"- **Wall time:** {fmt_time(wall.get('last_end', time.time()) - wall['first_start'])} from the study's "
-          f"first start to its last run or to now ({wall['invocations']} finished invocation(s), which ran "
-          f"{fmt_time(wall['running'])}; one still running is not in that count); "
-          f"{fmt_time(secs)} of training summed over the finished stage runs.",
+          f"- **Wall time:** {wall_text(args.work)}; {fmt_time(secs)} of training summed over the finished "
+          "stage runs.",
           "- **No pretrained weights** (nothing can be downloaded here): every model starts from random weights; "
           "the paper starts both from ImageNet.", ""]
     L += probe_section(probe, chosen, args.budget)
@@ -214,6 +211,22 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
     if args.docs:
         update_docs(REPO / "docs" / "distillation.md", results, chosen, md, bool(complete))
     return text
+
+
+def wall_text(work: Path) -> str:
+    spans = ledger.intervals(work)
+    old = ledger.legacy(work)
+    parts = []
+    if spans:
+        parts.append(f"{fmt_time(ledger.union_seconds(spans))} with at least one invocation running "
+                     f"({len(spans)} invocation(s) since intervals are kept, between "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(s for s, _ in spans)))} and "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(max(e for _, e in spans)))} UTC)")
+    if old:
+        parts.append(f"{'before that, ' if parts else ''}{fmt_time(old['running'])} recorded by {old['invocations']} invocation(s) "
+                     f"that ended normally, over {fmt_time(old['last_end'] - old['first_start'])} from the first "
+                     "start (invocations ended by a session's end were not recorded then)")
+    return "; ".join(parts) or "no invocation has run yet"
 
 
 def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
