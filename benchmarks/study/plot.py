@@ -72,7 +72,8 @@ def draw(probe: list[Group], results: dict[str, dict[str, Cell]], path: Path, bu
                         label=f"{CELLS[s][0]} ({n} run{'s' if n != 1 else ''})")
                 ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color,
                                 alpha=0.15)
-            ax.set_title(f"{NAMES[ds]}, {budgets.get(ds) or '?'} epochs: {title} (mean ± SE over runs)", fontsize=10)
+            budget = f"{budgets[ds]} epochs" if budgets.get(ds) else "budget not chosen yet"
+            ax.set_title(f"{NAMES[ds]}, {budget}: {title} (mean ± SE over runs)", fontsize=10)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             if any(s in cells for s in stages):

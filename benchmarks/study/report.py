@@ -223,16 +223,18 @@ def wall_text(work: Path) -> str:
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(s for s, _ in spans)))} and "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(max(e for _, e in spans)))} UTC)")
     if old:
-        parts.append(f"{'before that, ' if parts else ''}{fmt_time(old['running'])} recorded by {old['invocations']} invocation(s) "
+        parts.append(f"{'before that, ' if parts else ''}{fmt_time(old['running'])} recorded by "
+                     f"{old['invocations']} invocation(s) "
                      f"that ended normally, over {fmt_time(old['last_end'] - old['first_start'])} from the first "
                      "start (invocations ended by a session's end were not recorded then)")
     return "; ".join(parts) or "no invocation has run yet"
 
 
 def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
-    """The work left, in epochs and (at the measured seconds per epoch of each dataset) CPU time."""
-    per_epoch: dict[str, list[float]] = {}
-    left: dict[str, int] = {}
+    """The work left, in epochs and CPU time: each stage at the seconds per epoch measured for that
+    dataset and stage (a KD stage costs more than its student alone), or for the dataset until then."""
+    per_epoch: dict[tuple, list[float]] = {}
+    left: dict[tuple, int] = {}
     seen = set()
     for g in probe + grid:
         for s in g.stages:
@@ -240,18 +242,24 @@ def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
                 continue
             seen.add((g.run_dir, s))
             if g.summary(s) is not None:
-                per_epoch.setdefault(g.dataset, []).extend(r["epoch_seconds"] for r in g.history(s))
+                secs = [r["epoch_seconds"] for r in g.history(s)]
+                per_epoch.setdefault((g.dataset, s), []).extend(secs)
+                per_epoch.setdefault((g.dataset,), []).extend(secs)
             else:
-                left[g.dataset] = left.get(g.dataset, 0) + g.epochs
+                left[(g.dataset, s)] = left.get((g.dataset, s), 0) + g.epochs
     if not left:
         return "No stage run left to train."
     parts, cpu = [], 0.0
-    for ds, epochs in left.items():
-        rate = statistics.fmean(per_epoch[ds]) if per_epoch.get(ds) else None
-        cpu += epochs * rate if rate else 0.0
-        each = f" at {rate:.1f} s each (measured so far)" if rate else ""
+    for ds in dict.fromkeys(d for d, _ in left):
+        epochs = sum(n for (d, _), n in left.items() if d == ds)
+        costs = [n * statistics.fmean(per_epoch.get((d, s)) or per_epoch[(d,)])
+                 for (d, s), n in left.items() if d == ds and per_epoch.get((d,))]
+        cpu += sum(costs)
+        each = f" ≈ {fmt_time(sum(costs))} at the seconds per epoch measured so far" if costs else ""
         parts.append(f"{NAMES[ds]} {epochs} stage-epochs{each}")
-    grid_note = "" if grid else " (the probe only: the grid's size is known once the budgets are)"
+    waiting = sorted({NAMES[g.dataset] for g in probe} - {NAMES[g.dataset] for g in grid})
+    grid_note = (f" ({' and '.join(waiting)}: the probe only; a grid's size is known once its budget is)"
+                 if waiting else "")
     return (f"**Left to train:** {'; '.join(parts)}{grid_note} ≈ {fmt_time(cpu)} of process time, about "
             f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load).")
 
