@@ -149,6 +149,17 @@ def binding_location(configurable: str, param: str, scope: str | None = None,
     return found.get(True) or found.get(False)
 
 
+def macro_location(name: str, sources: Sequence[tuple[str, list[str]]] | None = None) -> str | None:
+    """Where the last parse (or ``sources``) bound the gin macro ``name`` (``NAME = value``): the last wins."""
+    pattern = re.compile(rf"^\s*{re.escape(name)}\s*=")
+    found = None
+    for source, lines in (_SOURCES if sources is None else sources):
+        for number, line in enumerate(lines, 1):
+            if pattern.match(line):
+                found = f"{source}:{number}" if source != "--bind" else f"--bind {line.strip()!r}"
+    return found
+
+
 def _suggest_parameter(msg: str) -> str:
     """gin names an unknown parameter but not the right one: add the close matches."""
     if "Failed to parse token" in msg:

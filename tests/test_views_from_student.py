@@ -83,7 +83,10 @@ def test_a_store_made_from_the_student_config_is_accepted_by_its_replay_run(made
                              ("timem = 12", "student/train.timem"),
                              ("num_workers = 0", "datasets.synthetic.num_workers")):
         line = next(n for n, text in enumerate(lines, 1) if text.startswith(binding + " ="))
-        assert re.search(rf"{setting} \({gin_file}:{line}\)", said), (setting, said)
+        assert re.search(rf"{setting} \({gin_file}:{line}[,)]", said), (setting, said)
+    # a macro-bound setting names the line that uses the macro and the line that gives the value
+    macro = next(n for n, text in enumerate(lines, 1) if text.startswith("STUDENT_BATCH ="))
+    assert re.search(rf"batch_size = 4 \({gin_file}:\d+, %STUDENT_BATCH bound at {gin_file}:{macro}\)", said), said
     assert "world_size = 1 (default of --world-size)" in said
     assert "mixup_alpha = 10.0 (default of train.mixup_alpha)" in said
 
@@ -117,6 +120,10 @@ def test_a_run_folder_is_read_by_the_saved_config_rules(made: dict, tmp_path: Pa
     said = " ".join(res.output.split())
     assert f"view settings (stage 'student' of {made['teacher'] / 'config.gin'})" in said
     assert "freqm = 8" in said and "timem = 10 (--bind 'student/train.timem = 10')" in said
+    res = _views(made["teacher"], made["data"], tmp_path / "macro", "--student", str(made["teacher"]), "--stage",
+                 "student", "-b", "STUDENT_BATCH = 2", "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    assert "%STUDENT_BATCH bound at --bind 'STUDENT_BATCH = 2')" in " ".join(res.output.split())
 
     edited = tmp_path / "edited"
     shutil.copytree(made["teacher"], edited)

@@ -126,6 +126,9 @@ def _setting(configurable: str, name: str, bound: dict[str, Any], default: Any, 
         if value.configurable.selector != "gin.macro":
             raise ConfigError(f"{stage}/{configurable}.{name} is bound to {value} ({where}), not a value; "
                               f"give the value itself as a flag")
+        macro = value.scopes[-1]
+        at = config.macro_location(macro, sources)
+        where = f"{where}, %{macro} bound at {_shown(at)}" if at else where  # the line that sets the value
         value = copy.deepcopy(value)  # a macro (%AST_BATCH): evaluating it gives its value
     return Setting(value, where)
 
