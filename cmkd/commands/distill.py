@@ -86,8 +86,11 @@ def teacher_logits(
     flags = dict(seed=seed, batch_size=batch_size, world_size=world_size, num_workers=num_workers, mixup=mixup,
                  mixup_alpha=mixup_alpha, freqm=freqm, timem=timem, train_split=list(train_split))
     # each mode's own options: one given to the other mode would be silently ignored, so it is refused
-    views_only = {"--student": student, "--stage": stage, "-b/--bind": bind, "--seed": seed, "--world-size": world_size,
-                  "--mixup": mixup, "--mixup-alpha": mixup_alpha, "--freqm": freqm, "--timem": timem,
+    from cmkd.commands.view_flags import flag
+
+    both = ("batch_size", "num_workers", "train_split")  # view settings the clean mode uses too
+    views_only = {"--student": student, "--stage": stage, "-b/--bind": bind,
+                  **{flag(n): v for n, v in flags.items() if n not in both},
                   "--dtype": dtype != "float16", "--topk": topk}
     clean_only = {"--split": split, "--amp": amp}
     unused = [f for f, v in (clean_only if views else views_only).items() if v not in (None, False, 0, [], "")]

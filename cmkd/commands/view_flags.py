@@ -6,18 +6,24 @@ student's own config (``--student``) makes it so by construction, and a flag sti
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from cmkd.train.read_stage import StageSettings
 
-# each setting's default when neither a flag nor a student config gives it (the trainer's own defaults)
-DEFAULTS: dict[str, Any] = dict(seed=0, batch_size=32, world_size=1, num_workers=2, mixup=0.0, mixup_alpha=10.0,
-                                freqm=0, timem=0, train_split=["train"])
-# the types the trainer gives them (cmkd.train.trainer.view_settings), so the store records what a run compares
-CASTS: dict[str, Any] = dict(seed=int, batch_size=int, world_size=int, num_workers=int, mixup=float,
-                             mixup_alpha=float, freqm=int, timem=int,
-                             train_split=lambda v: [v] if isinstance(v, str) else [str(s) for s in v])
+# a setting's default when neither a flag nor a student config gives it: train.*'s are TrainSettings' own;
+# the others as a run on one process of datasets.webdataset has them
+OTHER_DEFAULTS: dict[str, Any] = dict(world_size=1, num_workers=2, train_split=["train"])
+
+
+def defaults() -> dict[str, Any]:
+    """{name: default} for every view setting, in the order of VIEW_SETTINGS."""
+    from cmkd.distill.view_store import VIEW_SETTINGS
+    from cmkd.train.settings import TrainSettings
+
+    train = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    return {v.name: train[v.name] if v.where == "train" else OTHER_DEFAULTS[v.name] for v in VIEW_SETTINGS}
 
 
 def flag(name: str) -> str:
@@ -39,7 +45,10 @@ def resolve(flags: dict[str, Any], student: list[str], bindings: list[str], stag
         check_views(views, read)
     settings: dict[str, Any] = {}
     lines = [f"view settings (stage {read.stage!r} of {read.config}):" if read else "view settings:"]
-    for name, default in DEFAULTS.items():
+    from cmkd.distill.view_store import VIEW_SETTINGS
+
+    casts = {v.name: v.cast for v in VIEW_SETTINGS}
+    for name, default in defaults().items():
         given = flags.get(name)
         if given is not None and given != []:
             value, source = given, flag(name)
@@ -47,7 +56,7 @@ def resolve(flags: dict[str, Any], student: list[str], bindings: list[str], stag
             value, source = read.values[name].value, read.values[name].source
         else:
             value, source = default, f"default of {flag(name)}"
-        settings[name] = CASTS[name](value)
+        settings[name] = casts[name](value)
         lines.append(f"  {name} = {settings[name]!r}  ({source})")
     return settings, lines, read
 

@@ -16,7 +16,8 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,36 @@ FORMAT = "cmkd-teacher-views"
 FORMAT_VERSION = 1
 VIEWS_DIR = "teacher_views"
 MANIFEST = "views.json"
-# settings that decide which views and batches exist: all must match between store and run
-CHECKED = ("seed", "batch_size", "world_size", "num_workers", "mixup", "mixup_alpha", "freqm", "timem")
+
+
+def _splits(v: Any) -> list[str]:
+    return [v] if isinstance(v, str) else [str(s) for s in v]
+
+
+@dataclass(frozen=True)
+class ViewSetting:
+    """A setting that decides which views and batches a stage makes. The one list of them: the trainer
+    records them, `teacher-logits --views` takes them as flags or reads them from the student's config,
+    and a replay run compares them with its store's."""
+
+    name: str
+    cast: Callable[[Any], Any]  # the type the trainer records, so a store and a run compare equal
+    where: str  # "train": train.<name>; "data": a parameter of the stage's dataset; "launch": the world size
+    checked: bool = True  # must match between store and run (train_split only says which clips are scored)
+
+
+VIEW_SETTINGS = (
+    ViewSetting("seed", int, "train"),
+    ViewSetting("batch_size", int, "train"),
+    ViewSetting("world_size", int, "launch"),
+    ViewSetting("num_workers", int, "data"),
+    ViewSetting("mixup", float, "train"),
+    ViewSetting("mixup_alpha", float, "train"),
+    ViewSetting("freqm", int, "train"),
+    ViewSetting("timem", int, "train"),
+    ViewSetting("train_split", _splits, "data", checked=False),
+)
+CHECKED = tuple(v.name for v in VIEW_SETTINGS if v.checked)
 
 
 class ViewStoreError(CmkdError, ValueError):

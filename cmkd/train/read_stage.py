@@ -19,13 +19,13 @@ import gin
 from gin.config import ConfigurableReference
 
 from cmkd import config, storage
+from cmkd.distill.view_store import VIEW_SETTINGS
 from cmkd.errors import ConfigError
 from cmkd.train.settings import TrainSettings, check_settings
 
-# train.* that decide a stage's views and batches (the world size is how it is launched, not config)
-TRAIN_VIEW = ("seed", "batch_size", "mixup", "mixup_alpha", "freqm", "timem")
-# parameters of the stage's dataset that decide which clips each rank's batches hold
-DATA_STREAM = ("num_workers", "train_split")
+# the view settings the config holds (the world size is how a run is launched, not config)
+TRAIN_VIEW = tuple(v.name for v in VIEW_SETTINGS if v.where == "train")
+DATA_STREAM = tuple(v.name for v in VIEW_SETTINGS if v.where == "data")
 REPLAY = "strategies.replay_kd"  # its ``cycle`` lets a run train more epochs than the store holds views
 _SCOPED = re.compile(r"^\w+/[\w.]+ = ")  # a scoped binding in gin.config_str()
 

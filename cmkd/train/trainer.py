@@ -20,6 +20,7 @@ from cmkd.console import TrainProgress, console, table
 from cmkd.data.describe import describe_dataset
 from cmkd.data.shard_reader import worker_error_message
 from cmkd.device import autocast
+from cmkd.distill.view_store import VIEW_SETTINGS
 from cmkd.models.classifier import build_classifier
 from cmkd.models.factory import LoadedModel, build_frontend, load_model
 from cmkd.registry import call_with_context, strategies
@@ -381,9 +382,9 @@ class Trainer:
 
 def view_settings(s: TrainSettings, ds: Any, world_size: int) -> dict[str, Any]:
     """What makes this stage's views and batches: a view store must have been made with the same."""
-    return dict(seed=int(s.seed), batch_size=int(s.batch_size), world_size=int(world_size),
-                num_workers=int(getattr(ds, "num_workers", 0)), mixup=float(s.mixup), mixup_alpha=float(s.mixup_alpha),
-                freqm=int(s.freqm), timem=int(s.timem), epochs=int(s.epochs))
+    source = dict(train=lambda name: getattr(s, name), data=lambda name: getattr(ds, name, 0),
+                  launch=lambda name: world_size)
+    return {v.name: v.cast(source[v.where](v.name)) for v in VIEW_SETTINGS if v.checked} | {"epochs": int(s.epochs)}
 
 
 def check_teacher(teacher: LoadedModel, ds: Any, featurizer: nn.Module, url: str) -> None:
