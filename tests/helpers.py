@@ -151,6 +151,14 @@ def _kill_group(pgid: int) -> None:
         pass  # the group is already gone
 
 
+def temp_dir_of(env: dict[str, str]) -> str:
+    """The folder Python's tempfile uses in a process with ``env``: a check that no temp folder is left
+    there means something only once that folder is where the process really writes."""
+    out = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"], env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     """Records of a local or fsspec-URL ``.jsonl`` file (metrics.jsonl, steps.jsonl)."""
     import fsspec

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
+from helpers import TINY_AST, cmkd_env, read_json, read_jsonl, run_cmkd, temp_dir_of, write_gin
 from tones import SR, tone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -91,6 +91,7 @@ strategies.logit_kd.teacher = 'teacher'
     assert read_json(f"{runs}/s3kd/student/summary.json")["teachers"] == [teacher_best]
     assert f"teacher 'teacher': {teacher_best}" in first.stderr
     _assert_tensorboard_events_in_the_bucket(fs, runs)
+    assert temp_dir_of(env) == str(scratch)  # TensorBoard's folders are made there: their absence means something
     assert not list(scratch.glob("cmkd-tb-*")), "TensorBoard's local folders must go once uploaded"
 
     # A rerun reuses both finished stages from the bucket and rewrites nothing in them.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from faultkit import FAULTS_DIR, flat
-from helpers import TINY_AST, cmkd_env, run_cmkd, write_gin
+from helpers import TINY_AST, cmkd_env, run_cmkd, temp_dir_of, write_gin
 from s3_store import S3Store
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -127,13 +127,14 @@ def test_run_folder_store_gone_mid_run_is_one_error_line(tmp_path, s3):
     killer.start()
     scratch = tmp_path / "tmp"  # TMPDIR: TensorBoard's local folder, uploaded to the bucket at each epoch's end
     scratch.mkdir()
-    result = run_cmkd(["run", cfg, "--run-dir", "s3://cmkd-writes/runs", "--device", "cpu"],
-                      env=cmkd_env(tmp_path, PYTHONPATH=f"{FAULTS_DIR}:{cmkd_env(tmp_path)['PYTHONPATH']}",
-                                   CMKD_WRITE_RETRIES="2", CMKD_WRITE_BACKOFF="0.05", TMPDIR=str(scratch), **env),
+    run_env = cmkd_env(tmp_path, PYTHONPATH=f"{FAULTS_DIR}:{cmkd_env(tmp_path)['PYTHONPATH']}",
+                       CMKD_WRITE_RETRIES="2", CMKD_WRITE_BACKOFF="0.05", TMPDIR=str(scratch), **env)
+    result = run_cmkd(["run", cfg, "--run-dir", "s3://cmkd-writes/runs", "--device", "cpu"], env=run_env,
                       timeout=180)
     killer.join(timeout=10)
     assert not st.up
     _one_error(result, "s3://cmkd-writes/runs/x/s/", "the storage is unreachable", "AWS_ENDPOINT_URL")
+    assert temp_dir_of(run_env) == str(scratch)  # where TensorBoard's folder was: its absence means something
     assert not list(scratch.glob("cmkd-tb-*")), "a failed upload must not leave TensorBoard's folder behind"
 
 
