@@ -222,11 +222,10 @@ def wall_text(work: Path) -> str:
                      f"({len(spans)} invocation(s) since intervals are kept, between "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(s for s, _ in spans)))} and "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(max(e for _, e in spans)))} UTC)")
-    if old:
-        parts.append(f"{'before that, ' if parts else ''}{fmt_time(old['running'])} recorded by "
-                     f"{old['invocations']} invocation(s) "
-                     f"that ended normally, over {fmt_time(old['last_end'] - old['first_start'])} from the first "
-                     "start (invocations ended by a session's end were not recorded then)")
+    if old:  # wall_time.json, the ledger before intervals: it added up invocations that ended normally
+        parts.append(f"plus {fmt_time(old['running'])} recorded by {old['invocations']} invocation(s) in the "
+                     f"older ledger ({fmt_time(old['last_end'] - old['first_start'])} from the first start to its "
+                     "last end; it missed invocations killed at a session's end and may overlap the above)")
     return "; ".join(parts) or "no invocation has run yet"
 
 
