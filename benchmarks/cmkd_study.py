@@ -98,7 +98,6 @@ def main() -> None:
     gins = runs.write_gins(args.work, args.datasets)
     probe, budgets, grid = plan(args, gins)
     if not args.report_only:
-        prepare(args, logs)
         if args.probe:
             to_run = probe
         else:
@@ -109,6 +108,7 @@ def main() -> None:
         print(f"work dir {args.work}; {len(to_run)} groups; commands like:\n  {shlex.join(to_run[0].command())}",
               flush=True)
         with ledger.Ledger(args.work):  # the study may be stopped and continued: its wall time adds up
+            prepare(args, logs)
             runs.run_groups(to_run, args.jobs, logs)
             # The finished rungs may have grown the ladder (still rising): run the new rung, and so on.
             while args.probe and len(more := plan(args, gins)[0]) > len(probe):

@@ -82,10 +82,9 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     Components must already be registered (see :func:`cmkd.components.load_all`).
     """
     paths = [resolve_recipe(str(f)) for f in files]
-    for folder in _search_paths(paths):
-        if str(folder) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - no public getter
-            gin.add_config_file_search_path(str(folder))
-    _SOURCES[:] = [(str(f), f.read_text().splitlines()) for f in _gin_files(paths)] + [("--bind", list(bindings))]
+    order, files = _read_order(paths)
+    _SOURCES[:] = [*files.items(), ("--bind", list(bindings))]
+    _LINES[:] = order + [("--bind", 0, b) for b in bindings]
     path = paths[0] if paths else None
     try:
         with _quiet_gin_lookups():
@@ -112,21 +111,51 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
 
 # (file, lines) of the last parse: gin files with their includes, then the --bind values.
 _SOURCES: list[tuple[str, list[str]]] = []
+# The same lines in gin's evaluation order, (file, line number, text): an included file's lines stand where
+# its include does, so the last binding of a name found there is the one gin kept.
+_LINES: list[tuple[str, int, str]] = []
 _UNKNOWN_PARAM = re.compile(r"Configurable '([\w./]+)' doesn't have a parameter named '(\w+)'")
 
 
-def _gin_files(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` and every file they include, resolved like gin does (own folder, then the shipped recipes)."""
-    files: list[Path] = []
-    todo = list(paths)
-    while todo:
-        file = todo.pop(0)
-        if file in files or not file.is_file():
-            continue
-        files.append(file)
-        for inc in _INCLUDE.findall(file.read_text()):
-            todo.extend(base / inc for base in (file.parent, recipes_dir()) if (base / inc).is_file())
-    return files
+def gin_files(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` and every file they include, as gin will open them."""
+    return [Path(f) for f in _read_order(paths)[1]]
+
+
+def _read_order(paths: Sequence[Path]) -> tuple[list[tuple[str, int, str]], dict[str, list[str]]]:
+    """Every line gin reads for ``paths`` in the order it reads them, and each file's lines once (the
+    folders includes may be relative to join gin's search path first)."""
+    for folder in _search_paths(paths):
+        if str(folder) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - no public getter
+            gin.add_config_file_search_path(str(folder))
+    order: list[tuple[str, int, str]] = []
+    files: dict[str, list[str]] = {}
+
+    def walk(file: Path, depth: int) -> None:
+        try:
+            lines = file.read_text().splitlines()
+        except OSError:
+            return
+        files.setdefault(str(file), lines)
+        for number, line in enumerate(lines, 1):
+            order.append((str(file), number, line))
+            match = _INCLUDE.match(line)
+            if match and depth < 64 and (inc := _include_path(match.group(1))) is not None:
+                walk(inc, depth + 1)  # gin parses an include where it stands
+
+    for path in paths:
+        walk(path, 0)
+    return order, files
+
+
+def _include_path(name: str) -> Path | None:
+    """The file gin opens for ``include name``: the first of its search prefixes that has it."""
+    prefixes = [""] if os.path.isabs(name) else gin.config._LOCATION_PREFIXES  # noqa: SLF001 - no public getter
+    for prefix in prefixes:
+        candidate = os.path.join(prefix, name)
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    return None
 
 
 def parsed_from(name: str) -> bool:
@@ -140,24 +169,29 @@ def binding_location(configurable: str, param: str, scope: str | None = None,
     "file:line" or "--bind '...'" (the last binding wins, as in gin; a scoped one over an unscoped one)."""
     found: dict[bool, str] = {}
     pattern = re.compile(rf"^\s*(?:([\w.]+)/)?{re.escape(configurable)}\.{re.escape(param)}\s*=")
-    for source, lines in (_SOURCES if sources is None else sources):
-        for number, line in enumerate(lines, 1):
-            match = pattern.match(line)
-            if match and match.group(1) in (None, scope):
-                found[match.group(1) is not None] = (f"{source}:{number}" if source != "--bind"
-                                                     else f"--bind {line.strip()!r}")
+    for source, number, line in _lines(sources):
+        match = pattern.match(line)
+        if match and match.group(1) in (None, scope):
+            found[match.group(1) is not None] = _where(source, number, line)
     return found.get(True) or found.get(False)
 
 
 def macro_location(name: str, sources: Sequence[tuple[str, list[str]]] | None = None) -> str | None:
     """Where the last parse (or ``sources``) bound the gin macro ``name`` (``NAME = value``): the last wins."""
     pattern = re.compile(rf"^\s*{re.escape(name)}\s*=")
-    found = None
-    for source, lines in (_SOURCES if sources is None else sources):
-        for number, line in enumerate(lines, 1):
-            if pattern.match(line):
-                found = f"{source}:{number}" if source != "--bind" else f"--bind {line.strip()!r}"
-    return found
+    found = [_where(source, number, line) for source, number, line in _lines(sources) if pattern.match(line)]
+    return found[-1] if found else None
+
+
+def _lines(sources: Sequence[tuple[str, list[str]]] | None) -> list[tuple[str, int, str]]:
+    """The last parse's lines in gin's order, or ``sources`` (files without includes: a saved config) as given."""
+    if sources is None:
+        return _LINES
+    return [(source, number, line) for source, lines in sources for number, line in enumerate(lines, 1)]
+
+
+def _where(source: str, number: int, line: str) -> str:
+    return f"{source}:{number}" if source != "--bind" else f"--bind {line.strip()!r}"
 
 
 def _suggest_parameter(msg: str) -> str:
@@ -230,7 +264,7 @@ def preserved() -> Iterator[None]:
     """Whatever the block parses into gin, the caller's config is back afterwards (and :data:`_SOURCES`, where
     :func:`binding_location` and :func:`parsed_from` look)."""
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
-    sources = list(_SOURCES)
+    sources, lines = list(_SOURCES), list(_LINES)
     saved = (
         {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001
         set(cfg._IMPORTS),  # noqa: SLF001
@@ -247,6 +281,7 @@ def preserved() -> Iterator[None]:
             cfg._OPERATIVE_CONFIG.update(saved[2])  # noqa: SLF001
             cfg._SINGLETONS.update(saved[3])  # noqa: SLF001
         _SOURCES[:] = sources
+        _LINES[:] = lines
 
 
 def _bindings(config_text: str) -> dict[str, str]:

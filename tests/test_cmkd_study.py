@@ -19,9 +19,9 @@ def study():
         from study import report, results, stats
 
         yield stats, results, report
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in [m for m in sys.modules if m == "study" or m.startswith("study.")]:
+    finally:  # cmkd_study.py puts benchmarks/ on the path too when imported
+        sys.path[:] = [p for p in sys.path if p != str(BENCH)]
+        for name in [m for m in sys.modules if m in ("study", "cmkd_study") or m.startswith("study.")]:
             sys.modules.pop(name)
 
 
@@ -83,60 +83,83 @@ def test_partial_grid_table_states_runs_and_se_per_cell(study):
     assert d.n == 2 and d.resolved().startswith("positive")  # +3.0 pp > 2 × 1.0 SE
 
 
-def test_a_still_rising_ladder_grows_by_one_rung_and_the_grid_waits(study, tmp_path):
-    """probe_plan adds a rung above a finished ladder that is still rising; budgets() settles only
-    once a rung's successor adds less than 1 pp. The runs are metrics files, as cmkd writes them."""
+def _finish_probe_run(g, accuracy: float) -> None:
+    """Write a finished AST-alone stage as cmkd writes it: per-epoch metrics and a finished summary."""
     import json
 
+    d = g.stage_dir("ast")
+    d.mkdir(parents=True)
+    d.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i + 1, "eval_accuracy": accuracy, "epoch_seconds": 1.0}) + "\n"
+        for i in range(g.epochs)))
+    d.joinpath("summary.json").write_text(json.dumps({"finished": True, "params": 1, "last": {}}))
+
+
+def test_a_still_rising_ladder_grows_by_one_rung_and_the_grid_waits(study, tmp_path, monkeypatch):
+    """probe_plan adds a rung above a finished ladder that is still rising; budgets() settles only
+    once a rung's successor adds less than 1 pp."""
     _, results, _ = study
     from study import runs
 
     gins = {"esc10": tmp_path / "esc10.gin"}
     gins["esc10"].write_text("# a study gin\n")
-    base = {"esc10": [10, 20]}
+    monkeypatch.setattr(runs, "PROBE_RUNGS", {"esc10": [10, 20]})
 
     def finish(epochs: int, accuracy: dict[tuple, float]) -> None:
         for g in runs.probe_groups(tmp_path, gins, {"esc10": [epochs]}):
-            d = g.stage_dir("ast")
-            d.mkdir(parents=True)
-            acc = accuracy[(g.split, g.seed)]
-            d.joinpath("metrics.jsonl").write_text("".join(
-                json.dumps({"epoch": i + 1, "eval_accuracy": acc}) + "\n" for i in range(epochs)))
-            d.joinpath("summary.json").write_text(json.dumps({"finished": True}))
+            _finish_probe_run(g, accuracy[(g.split, g.seed)])
 
-    old = runs.PROBE_RUNGS
-    runs.PROBE_RUNGS = base
-    try:
-        finish(10, {("fold1", 0): 0.50, ("fold2", 1): 0.52})
-        assert {g.epochs for g in results.probe_plan(tmp_path, gins)} == {10, 20}  # 20 not finished: no growth
-        finish(20, {("fold1", 0): 0.60, ("fold2", 1): 0.62})  # +10 pp: still rising
-        probe = results.probe_plan(tmp_path, gins)
-        assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
-        assert results.budgets(probe, {}) == {"esc10": None}  # the grid waits for the new rung
-        assert results.budgets(probe, {"esc10": 20}) == {"esc10": 20}  # unless set by hand
-        finish(20 + runs.PROBE_STEP, {("fold1", 0): 0.605, ("fold2", 1): 0.62})  # +0.25 pp: settled
-        probe = results.probe_plan(tmp_path, gins)
-        assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
-        assert results.budgets(probe, {}) == {"esc10": 20}
-    finally:
-        runs.PROBE_RUNGS = old
+    finish(10, {("fold1", 0): 0.50, ("fold2", 1): 0.52})
+    assert {g.epochs for g in results.probe_plan(tmp_path, gins)} == {10, 20}  # 20 not finished: no growth
+    finish(20, {("fold1", 0): 0.60, ("fold2", 1): 0.62})  # +10 pp: still rising
+    probe = results.probe_plan(tmp_path, gins)
+    assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
+    assert results.budgets(probe, {}) == {"esc10": None}  # the grid waits for the new rung
+    assert results.budgets(probe, {"esc10": 20}) == {"esc10": 20}  # unless set by hand
+    finish(20 + runs.PROBE_STEP, {("fold1", 0): 0.605, ("fold2", 1): 0.62})  # +0.25 pp: settled
+    probe = results.probe_plan(tmp_path, gins)
+    assert sorted({g.epochs for g in probe}) == [10, 20, 20 + runs.PROBE_STEP]
+    assert results.budgets(probe, {}) == {"esc10": 20}
 
 
-def test_wall_time_is_the_union_of_the_invocations_intervals_and_survives_a_kill(study, tmp_path):
+def test_the_probe_command_runs_each_new_rung_until_the_ladder_settles(study, tmp_path, monkeypatch):
+    """`cmkd_study.py --probe` with training replaced by writing finished runs (accuracy rising 10 pp per
+    rung up to 30 epochs, flat after): it runs the ladder, then 30, then 40, and stops."""
+    import cmkd_study
+    from study import runs
+
+    monkeypatch.setattr(runs, "PROBE_RUNGS", {"esc10": [10, 20]})
+    monkeypatch.setattr(runs, "PROBE_STEP", 10)
+    monkeypatch.setattr(cmkd_study, "prepare", lambda *a: None)
+    batches = []
+
+    def fake_run_groups(groups, jobs, logs):
+        todo = [g for g in groups if g.summary("ast") is None]
+        batches.append(sorted({g.epochs for g in todo}))
+        for g in todo:
+            _finish_probe_run(g, min(g.epochs, 30) / 100)
+
+    monkeypatch.setattr(runs, "run_groups", fake_run_groups)
+    monkeypatch.setattr(sys, "argv", ["cmkd_study.py", "--work", str(tmp_path / "work"), "--probe", "--datasets",
+                                      "esc10", "--out", str(tmp_path / "results.md")])
+    cmkd_study.main()
+    assert batches == [[10, 20], [30], [40]]  # 30 → 40 adds 0 pp: settled at 30, nothing more to run
+    assert "Budget for ESC-10: **30 epochs**" in (tmp_path / "results.md").read_text()
+    assert list((tmp_path / "work" / "wall").glob("*.json"))  # the invocation's interval is on record
+
+
+def test_wall_time_is_the_union_of_the_invocations_intervals_and_survives_a_kill(study, tmp_path, monkeypatch):
     import time
 
     from study import ledger
 
     assert ledger.union_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30  # overlaps counted once
     assert ledger.union_seconds([]) == 0
-    ledger.HEARTBEAT, old = 0.05, ledger.HEARTBEAT
-    try:
-        with ledger.Ledger(tmp_path) as running:
-            time.sleep(0.3)
-            # While it runs, the heartbeat has already moved its end on: a kill now loses < HEARTBEAT.
-            (start, end), = ledger.intervals(tmp_path)
-            assert start == running.start and end - start >= 0.2
-    finally:
-        ledger.HEARTBEAT = old
+    monkeypatch.setattr(ledger, "HEARTBEAT", 0.05)
+    with ledger.Ledger(tmp_path) as running:
+        time.sleep(0.3)
+        # While it runs, the heartbeat has already moved its end on: a kill now loses < HEARTBEAT.
+        (start, end), = ledger.intervals(tmp_path)
+        assert start == running.start and end - start >= 0.2
     (start, end), = ledger.intervals(tmp_path)
     assert end - start >= 0.3

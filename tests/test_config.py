@@ -87,3 +87,20 @@ def test_preserved_restores_where_the_callers_bindings_were_parsed_from(tmp_path
         assert config.binding_location("train", "epochs") == f"{other}:2"
     assert config.binding_location("train", "epochs") == where == "--bind 'train.epochs = 7'"
     assert config.parsed_from("demo.gin") and not config.parsed_from("other.gin")
+
+
+def test_a_location_is_the_binding_gin_kept_when_a_file_overrides_what_it_includes(tmp_path, monkeypatch):
+    """gin reads an include where it stands, so a line after the include wins; the location must name that line
+    (and the file gin really opened for the include), not the included file read after the top one."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "sizes.gin").write_text("BATCH = 4\ntrain.epochs = 5\ntrain.batch_size = %BATCH\n")
+    top = tmp_path / "top.gin"
+    top.write_text("train.epochs = 2\ninclude 'lib/sizes.gin'\nBATCH = 8\n")
+    monkeypatch.chdir("/")
+    config.parse([str(top)])
+    assert gin.query_parameter("BATCH/gin.macro.value") == 8 and gin.query_parameter("train.epochs") == 5
+    assert config.macro_location("BATCH") == f"{top}:3"  # after the include: gin kept 8
+    assert config.binding_location("train", "epochs") == f"{tmp_path / 'lib' / 'sizes.gin'}:2"  # the include's 5
+    gin.clear_config()
+    config.parse([str(top)], ["BATCH = 16"])
+    assert config.macro_location("BATCH") == "--bind 'BATCH = 16'"

@@ -53,7 +53,7 @@ def _parse(recipe: str, *bindings: str) -> None:
     gin.clear_config()
     components.load_all()
     # DATA_ROOT only where the recipe uses it: binding a macro no file uses is an error (docs/configuration.md)
-    texts = [(str(f), f.read_text().splitlines()) for f in config._gin_files([GIN / recipe])]
+    texts = [(str(f), f.read_text().splitlines()) for f in config.gin_files([GIN / recipe])]
     config.parse([str(GIN / recipe)], [*([DATA_ROOT] if "DATA_ROOT" in macros(texts) else []), *bindings])
 
 

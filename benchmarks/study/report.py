@@ -79,7 +79,8 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
             prev = mean if mean is not None else prev
         b, plateau = stats.choose_budget(lad)
         if ds in overrides:
-            verdict = f"**{overrides[ds]} epochs, set by hand (--budget)**; the rule gives {b}"
+            rule = f"the rule gives {b}" if plateau else "the rule has not settled yet"
+            verdict = f"**{overrides[ds]} epochs, set by hand (--budget)**; {rule}"
         elif b is None:
             verdict = "**not chosen yet** (fewer than two rungs finished by every probe run)"
         elif plateau:
@@ -222,9 +223,10 @@ def wall_text(work: Path) -> str:
                      f"({len(spans)} invocation(s) since intervals are kept, between "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(s for s, _ in spans)))} and "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(max(e for _, e in spans)))} UTC)")
-    if old:  # wall_time.json, the ledger before intervals: it added up invocations that ended normally
+    if old and old.get("invocations"):  # wall_time.json, the ledger before intervals: ended invocations only
+        span = old.get("last_end", old["first_start"]) - old["first_start"]
         parts.append(f"plus {fmt_time(old['running'])} recorded by {old['invocations']} invocation(s) in the "
-                     f"older ledger ({fmt_time(old['last_end'] - old['first_start'])} from the first start to its "
+                     f"older ledger ({fmt_time(span)} from the first start to its "
                      "last end; it missed invocations killed at a session's end and may overlap the above)")
     return "; ".join(parts) or "no invocation has run yet"
 

@@ -47,6 +47,7 @@ def probe_plan(work: Path, gins: dict[str, Path]) -> list[Group]:
     """The probe's groups: PROBE_RUNGS, and for a dataset whose rungs are all finished and still rising
     (no rung's successor adds less than GAIN_PP), one more rung PROBE_STEP epochs above the top. The
     ladder is a function of the finished runs, so every invocation (--report-only too) sees the same one."""
+    assert runs.PROBE_STEP > 0, "a ladder that does not grow would be extended forever"
     rungs = {ds: list(runs.PROBE_RUNGS[ds]) for ds in gins}
     while True:
         probe = runs.probe_groups(work, gins, rungs)

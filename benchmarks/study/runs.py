@@ -97,10 +97,8 @@ def splits_of(ds: str, folds: list[int], pairs: list[int]) -> list[str]:
     return [f"fold{f}" for f in folds] if ds == "esc10" else ["-".join(FSDD_PAIRS[i]) for i in pairs]
 
 
-def probe_groups(work: Path, gins: dict[str, Path], rungs: dict[str, list[int]] | None = None) -> list[Group]:
-    """Both probe runs of each dataset on its ladder (PROBE_RUNGS unless given), the first run of both
-    datasets first."""
-    rungs = rungs or PROBE_RUNGS
+def probe_groups(work: Path, gins: dict[str, Path], rungs: dict[str, list[int]]) -> list[Group]:
+    """Both probe runs of each dataset on its ladder of rungs (epochs), the first run of both datasets first."""
     out = []
     for i in range(max(len(PROBE_RUNS[ds]) for ds in gins)):
         for ds in gins:

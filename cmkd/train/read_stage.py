@@ -126,7 +126,7 @@ def _setting(configurable: str, name: str, bound: dict[str, Any], default: Any, 
         if value.configurable.selector != "gin.macro":
             raise ConfigError(f"{stage}/{configurable}.{name} is bound to {value} ({where}), not a value; "
                               f"give the value itself as a flag")
-        macro = value.scopes[-1]
+        macro = "/".join(value.scopes)  # a scoped macro (%s/B) is bound as s/B = ...
         at = config.macro_location(macro, sources)
         where = f"{where}, %{macro} bound at {_shown(at)}" if at else where  # the line that sets the value
         value = copy.deepcopy(value)  # a macro (%AST_BATCH): evaluating it gives its value
