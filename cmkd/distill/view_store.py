@@ -18,7 +18,7 @@ import json
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ class ViewSetting:
 
     name: str
     cast: Callable[[Any], Any]  # the type the trainer records, so a store and a run compare equal
-    where: str  # "train": train.<name>; "data": a parameter of the stage's dataset; "launch": the world size
+    # "train": train.<name>; "data": a parameter of the stage's dataset; "launch": the world size
+    where: Literal["train", "data", "launch"]
     checked: bool = True  # must match between store and run (train_split only says which clips are scored)
 
 
