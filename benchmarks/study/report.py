@@ -161,7 +161,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **Machine:** {machine()}; {args.jobs} `cmkd run` processes at a time, sharing the 2 cores with other "
           f"work (load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}).",
           f"- **Wall time:** {wall_text(args.work)}; {fmt_time(secs)} of training summed over the finished "
-          "stage runs.",
+          "stage runs (each epoch's wall time, so it includes the hours the study was paused, SIGSTOP, while "
+          "benchmarks were timed on a quiet machine).",
           "- **No pretrained weights** (nothing can be downloaded here): every model starts from random weights; "
           "the paper starts both from ImageNet.", ""]
     L += probe_section(probe, chosen, args.budget)
@@ -253,10 +254,11 @@ def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
     parts, cpu = [], 0.0
     for ds in dict.fromkeys(d for d, _ in left):
         epochs = sum(n for (d, _), n in left.items() if d == ds)
-        costs = [n * statistics.fmean(per_epoch.get((d, s)) or per_epoch[(d,)])
+        # the median: an epoch during which the study was paused (SIGSTOP, for a quiet benchmark) counts long
+        costs = [n * statistics.median(per_epoch.get((d, s)) or per_epoch[(d,)])
                  for (d, s), n in left.items() if d == ds and per_epoch.get((d,))]
         cpu += sum(costs)
-        each = f" ≈ {fmt_time(sum(costs))} at the seconds per epoch measured so far" if costs else ""
+        each = f" ≈ {fmt_time(sum(costs))} at the median seconds per epoch measured so far" if costs else ""
         parts.append(f"{NAMES[ds]} {epochs} stage-epochs{each}")
     waiting = sorted({NAMES[g.dataset] for g in probe} - {NAMES[g.dataset] for g in grid})
     grid_note = (f" ({' and '.join(waiting)}: the probe only; a grid's size is known once its budget is)"
