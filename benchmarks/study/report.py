@@ -161,7 +161,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **Machine:** {machine()}; {args.jobs} `cmkd run` processes at a time, sharing the 2 cores with other "
           f"work (load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}).",
           f"- **Wall time:** {wall_text(args.work)}; {fmt_time(secs)} of training summed over the finished "
-          "stage runs (each epoch's wall time, so it includes the hours the study was paused, SIGSTOP, while "
+          "stage runs (each epoch's wall time, so it includes the time the study was paused, SIGSTOP, while "
           "benchmarks were timed on a quiet machine).",
           "- **No pretrained weights** (nothing can be downloaded here): every model starts from random weights; "
           "the paper starts both from ImageNet.", ""]
