@@ -6,6 +6,8 @@ exit code 2, and no traceback. An object-store write that meets a short outage i
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -206,19 +208,42 @@ def test_running_out_of_memory_in_prepare_is_one_error_line(tmp_path):
     assert "out of memory (MemoryError)" in out and "--num-workers" in out
 
 
+def _pids_of(*words: str) -> list[int]:
+    """The processes whose command line holds each of ``words`` as an argument (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if entry.isdigit() and all(w in args for w in words):
+            pids.append(int(entry))
+    return pids
+
+
 def test_prepare_to_a_store_gone_mid_run_is_one_error_line(tmp_path, s3):
     import s3fs
 
     st, env = s3
-    _noise_folder(tmp_path / "src", clips=80, seconds=0.5)
+    _noise_folder(tmp_path / "src", clips=160, seconds=0.5)
     fs = s3fs.S3FileSystem()
+    held: list[int] = []
 
     def kill_after_first_shard() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not fs.exists("cmkd-writes/ds/train-000000.tar"):
             time.sleep(0.02)
             fs.invalidate_cache()
-        st.kill()
+        # Held still while the store dies: on a busy machine the whole write could otherwise finish
+        # before the kill lands (seen in CI), and the run would never meet the dead store.
+        held.extend(_pids_of("prepare", "s3://cmkd-writes/ds"))
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            st.kill()
+        finally:
+            for pid in held:
+                os.kill(pid, signal.SIGCONT)
 
     killer = threading.Thread(target=kill_after_first_shard, daemon=True)
     killer.start()
@@ -226,5 +251,5 @@ def test_prepare_to_a_store_gone_mid_run_is_one_error_line(tmp_path, s3):
                        "--clip-seconds", "0.5", "--shard-max-count", "2"],
                       env=cmkd_env(tmp_path, CMKD_WRITE_RETRIES="1", CMKD_WRITE_BACKOFF="0.05", **env), timeout=180)
     killer.join(timeout=10)
-    assert not st.up
+    assert not st.up and held, "the store must die while the prepare process is held mid-run"
     _one_error(result, "s3://cmkd-writes/ds/", ".tar: could not", "the storage is unreachable")
