@@ -64,7 +64,7 @@ def test_completeness_counts_only_the_grids_runs(study):
 
 
 def test_partial_grid_table_states_runs_and_se_per_cell(study):
-    _, results, report = study
+    stats, results, report = study
     cells = {
         "cnn": results.Cell("cnn", {("fold1", 0): 0.70, ("fold2", 0): 0.80, ("fold3", 0): 0.75}, params=100_000,
                             seconds=[60.0] * 3),
@@ -77,10 +77,15 @@ def test_partial_grid_table_states_runs_and_se_per_cell(study):
     assert cols[3] == "2"  # runs: only the finished ones
     assert cols[4].startswith("+3.0")  # paired with fold1 and fold2 only: (+4 + 2) / 2
     assert cols[5] == "1.0"  # SE: sd(4, 2) / sqrt(2) = 1.0 pp
-    assert cols[6] == "yes"
+    assert cols[6] == "< 3 runs"  # an SE from 2 runs is not said to meet the target
     assert not any(line.startswith("| AST alone |") for line in table)  # no runs, no row
     d = results.vs_baseline(cells, "ast_to_cnn")
-    assert d.n == 2 and d.resolved().startswith("positive")  # +3.0 pp > 2 × 1.0 SE
+    # +3.0 pp ± 1.0 SE from 2 runs: the t interval (±12.7 SE) holds 0, though 2 SE would not
+    assert d.n == 2 and d.resolved() == "not distinguishable from 0 (95 % CI ±12.7 pp)"
+    cells["ast_to_cnn"].scores[("fold3", 0)] = 0.78  # a third run: +3.0 pp ± 0.58 SE, ±2.5 pp at 2 df
+    d = results.vs_baseline(cells, "ast_to_cnn")
+    assert d.n == 3 and d.resolved().startswith("positive (95 % CI +0.")
+    assert stats.t95(1) == 12.706 and stats.t95(9) == 2.262 and stats.t95(500) == 1.96
 
 
 def _finish_probe_run(g, accuracy: float) -> None:

@@ -110,7 +110,8 @@ def cell_table(cells: dict[str, Cell], k: int) -> list[str]:
             dsd = stats.mean_sd(d.diffs)[1]
             vb = f"{100 * dm:+.1f} ({sum(x > 0 for x in d.diffs)}/{d.n} better)" if d.n else "–"
             se_t = pct(se) if se == se else "–"
-            ok = ("yes" if se <= TARGET_SE else "no") if se == se else "–"
+            ok = (("yes" if se <= TARGET_SE else "no") if d.n >= stats.MIN_RUNS
+                  else f"< {stats.MIN_RUNS} runs") if se == se else "–"
             need = str(stats.runs_needed(dsd, TARGET_SE)) if dsd == dsd else "–"
             tv = stats.paired(c.scores, cells[teacher].scores) if teacher in cells else []
             vt = f"{100 * statistics.fmean(tv):+.1f}" if tv else "–"
@@ -122,9 +123,10 @@ def cell_table(cells: dict[str, Cell], k: int) -> list[str]:
 
 
 def verdict(results: dict[str, dict[str, Cell]]) -> list[str]:
-    """Finding by finding, the paired differences as measured and whether they are resolved (±2 SE)."""
+    """Finding by finding, the paired differences as measured and whether they are resolved (95 % CI)."""
     L = ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
-         "standard error over the paired runs) and whether it is more than two standard errors from zero. "
+         "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
+         "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
          "With a partial grid these are provisional.", ""]
     names = [ds for ds in ("esc10", "fsdd") if ds in results]
     for title, _ in findings({}):

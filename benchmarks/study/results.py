@@ -121,13 +121,15 @@ class Diff:
         return f"{100 * m:+.1f} pp {se_txt}, {self.n} paired run{'s' if self.n != 1 else ''}, {better} better"
 
     def resolved(self) -> str:
-        """Whether the mean is more than two standard errors from zero (and which way)."""
+        """Whether the 95 % confidence interval of the mean (Student's t, n − 1 degrees of freedom)
+        excludes 0, and which way."""
         m, se = stats.mean_se(self.diffs)
         if self.n < 2 or se != se:
             return "too few runs to tell"
-        if abs(m) <= 2 * se:
-            return "not distinguishable from 0 (|mean| ≤ 2 SE)"
-        return "positive (mean > 2 SE)" if m > 0 else "negative (mean < −2 SE)"
+        half = stats.t95(self.n - 1) * se
+        if abs(m) <= half:
+            return f"not distinguishable from 0 (95 % CI ±{100 * half:.1f} pp)"
+        return f"{'positive' if m > 0 else 'negative'} (95 % CI {100 * (m - half):+.1f} to {100 * (m + half):+.1f} pp)"
 
 
 def diff(cells: dict[str, Cell], a: str, b: str, what: str) -> Diff:

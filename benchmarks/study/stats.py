@@ -65,6 +65,21 @@ def choose_budget(scores: dict[int, list[float]], gain: float = GAIN_PP) -> tupl
     return rungs[-1], False
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (1.96 beyond): with a few
+# paired runs the standard error is itself uncertain, and 2 SE would call a 2-run difference "real".
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+MIN_RUNS = 3  # fewer paired runs: the SE is not stated as meeting a target
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError("Student's t needs at least 1 degree of freedom")
+    return _T95[df - 1] if df <= len(_T95) else 1.96
+
+
 def runs_needed(sd: float, target_se: float) -> int:
     """Paired runs for a standard error of at most target_se, given the paired differences' sd."""
     if math.isnan(sd) or target_se <= 0:
