@@ -83,8 +83,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     """
     paths = [resolve_recipe(str(f)) for f in files]
     order, files = _read_order(paths)
-    _SOURCES[:] = [*files.items(), ("--bind", list(bindings))]
-    _LINES[:] = order + [("--bind", 0, b) for b in bindings]
+    _LINES[:] = order + [("--bind", number, b) for number, b in enumerate(bindings, 1)]
     path = paths[0] if paths else None
     try:
         with _quiet_gin_lookups():
@@ -95,7 +94,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     except tokenize.TokenError as err:  # gin lets the tokenizer's error through, with no file name
         raise ConfigError(f"{path} (or a file it includes): the file ends inside an open bracket or string "
                           f"({err.args[0]}); close the bracket or quote") from None
-    files = _SOURCES[:-1]
+    files = list(files.items())
     bindings_checks.check_macros(files, bindings, recipes_dir())  # -b CNN_BATHC=8: an error, not a silent no-op
     for note in bindings_checks.overridden(files, bindings):  # -b train.epochs=1 under teacher/train.epochs
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
@@ -109,10 +108,8 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
     return gin.config_str()
 
 
-# (file, lines) of the last parse: gin files with their includes, then the --bind values.
-_SOURCES: list[tuple[str, list[str]]] = []
-# The same lines in gin's evaluation order, (file, line number, text): an included file's lines stand where
-# its include does, so the last binding of a name found there is the one gin kept.
+# Every line of the last parse in gin's evaluation order, (file, line number, text), then the --bind values:
+# an included file's lines stand where its include does, so the last binding of a name is the one gin kept.
 _LINES: list[tuple[str, int, str]] = []
 _UNKNOWN_PARAM = re.compile(r"Configurable '([\w./]+)' doesn't have a parameter named '(\w+)'")
 
@@ -160,7 +157,8 @@ def _include_path(name: str) -> Path | None:
 
 def parsed_from(name: str) -> bool:
     """Whether the last parse read a gin file whose path ends with ``name`` (e.g. 'data/synthetic.gin')."""
-    return any(source.replace("\\", "/").endswith("/" + name) for source, _ in _SOURCES if source != "--bind")
+    return any(source.replace("\\", "/").endswith("/" + name) for source in {s for s, _, _ in _LINES}
+               if source != "--bind")
 
 
 def binding_location(configurable: str, param: str, scope: str | None = None,
@@ -261,10 +259,10 @@ def isolated(config_text: str, scope: str | None = None, source: str = "a saved 
 
 @contextlib.contextmanager
 def preserved() -> Iterator[None]:
-    """Whatever the block parses into gin, the caller's config is back afterwards (and :data:`_SOURCES`, where
+    """Whatever the block parses into gin, the caller's config is back afterwards (and :data:`_LINES`, where
     :func:`binding_location` and :func:`parsed_from` look)."""
     cfg = gin.config  # gin has no public snapshot API; these are its module-level tables
-    sources, lines = list(_SOURCES), list(_LINES)
+    lines = list(_LINES)
     saved = (
         {k: dict(v) for k, v in cfg._CONFIG.items()},  # noqa: SLF001
         set(cfg._IMPORTS),  # noqa: SLF001
@@ -280,7 +278,6 @@ def preserved() -> Iterator[None]:
             cfg._IMPORTS.update(saved[1])  # noqa: SLF001
             cfg._OPERATIVE_CONFIG.update(saved[2])  # noqa: SLF001
             cfg._SINGLETONS.update(saved[3])  # noqa: SLF001
-        _SOURCES[:] = sources
         _LINES[:] = lines
 
 
