@@ -33,12 +33,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/cmkd_study2"),
                    help="prepared shards, gin files, runs and logs (outside the repository)")
     p.add_argument("--probe", action="store_true", help="run the budget probe (AST alone on the epoch ladder)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the grid")
+    p.add_argument("--seeds", default="0,1,2,3",
+                   help="the seeds the grid may use, in order: a dataset takes the next while a KD cell's paired "
+                        "standard error is above 2 pp")
     p.add_argument("--folds", default="1,2,3,4,5", help="ESC-10 folds held out in turn")
     p.add_argument("--pairs", default="0,1,2", help="FSDD speaker pairs held out in turn (indices into "
                                                      f"{['-'.join(x) for x in FSDD_PAIRS]})")
     p.add_argument("--datasets", default="esc10,fsdd")
-    p.add_argument("--no-tau", dest="tau", action="store_false", help="skip the τ = 2.5 pass of the grid")
+    p.add_argument("--tau-seeds", type=int, default=1,
+                   help="how many of a dataset's seeds (the first) the τ = 2.5 pass runs on, once they settle")
+    p.add_argument("--no-tau", dest="tau_seeds", action="store_const", const=0, help="skip the τ = 2.5 pass")
     p.add_argument("--budget", action="append", default=[], metavar="DATASET=EPOCHS",
                    help="override the probe's budget (e.g. --budget esc10=100)")
     p.add_argument("--jobs", type=int, default=2, help="`cmkd run` processes at a time (each on 1 thread)")
@@ -53,7 +57,7 @@ def parse() -> argparse.Namespace:
         args.docs = False
     args.command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
     if args.quick:
-        args.docs, args.work, args.tau = False, args.work / "quick", False
+        args.docs, args.work, args.tau_seeds = False, args.work / "quick", 0
         args.seeds, args.folds, args.pairs = "0", "1", "0"
         runs.PROBE_RUNGS, runs.PROBE_STEP = {"esc10": [1, 2], "fsdd": [1, 2]}, 1
         runs.PROBE_RUNS = {k: v[:1] for k, v in runs.PROBE_RUNS.items()}
@@ -78,14 +82,15 @@ def prepare(args: argparse.Namespace, logs: Path) -> None:
 
 
 def plan(args: argparse.Namespace, gins: dict[str, Path]) -> tuple[list, dict, list]:
-    """The probe's groups, the budgets it has settled (or --budget) and the grid at those budgets."""
+    """The probe's groups, the budgets it has settled (or --budget) and the grid at those budgets
+    (both grow as runs finish: see results.probe_plan and results.grid_plan)."""
     from study import results
 
     probe = results.probe_plan(args.work, gins)
     budgets = results.budgets(probe, args.budget)
     known = {ds: e for ds, e in budgets.items() if e is not None}
-    grid = runs.grid_groups(args.work, {ds: gins[ds] for ds in known}, known, args.seeds, args.folds, args.pairs,
-                            args.tau)
+    grid = results.grid_plan(args.work, {ds: gins[ds] for ds in known}, known, args.seeds, args.folds, args.pairs,
+                             args.tau_seeds)
     return probe, budgets, grid
 
 
@@ -98,21 +103,20 @@ def main() -> None:
     gins = runs.write_gins(args.work, args.datasets)
     probe, budgets, grid = plan(args, gins)
     if not args.report_only:
-        if args.probe:
-            to_run = probe
-        else:
-            if missing := [ds for ds in args.datasets if budgets.get(ds) is None]:
-                raise SystemExit(f"no settled budget for {missing}: run --probe to the end first (or pass "
-                                 "--budget DATASET=EPOCHS)")
-            to_run = grid
+        pick = 0 if args.probe else 2  # which of plan()'s lists this invocation runs
+        if not args.probe and (missing := [ds for ds in args.datasets if budgets.get(ds) is None]):
+            raise SystemExit(f"no settled budget for {missing}: run --probe to the end first (or pass "
+                             "--budget DATASET=EPOCHS)")
+        to_run = (probe, budgets, grid)[pick]
         print(f"work dir {args.work}; {len(to_run)} groups; commands like:\n  {shlex.join(to_run[0].command())}",
               flush=True)
         with ledger.Ledger(args.work):  # the study may be stopped and continued: its wall time adds up
             prepare(args, logs)
             runs.run_groups(to_run, args.jobs, logs)
-            # The finished rungs may have grown the ladder (still rising): run the new rung, and so on.
-            while args.probe and len(more := plan(args, gins)[0]) > len(probe):
-                probe = to_run = more
+            # Finished runs may grow the plan (a rising ladder's next rung, the grid's next seed, the τ
+            # pass once the seeds settle): run what is new, until nothing is.
+            while len(more := plan(args, gins)[pick]) > len(to_run):
+                to_run = more
                 runs.run_groups(to_run, args.jobs, logs)
         probe, budgets, grid = plan(args, gins)
     md = args.out or (args.work / "results.md" if args.quick else REPO / "benchmarks" / "results.md")

@@ -88,11 +88,11 @@ def test_partial_grid_table_states_runs_and_se_per_cell(study):
     assert stats.t95(1) == 12.706 and stats.t95(9) == 2.262 and stats.t95(500) == 1.96
 
 
-def _finish_probe_run(g, accuracy: float) -> None:
-    """Write a finished AST-alone stage as cmkd writes it: per-epoch metrics and a finished summary."""
+def _finish(g, accuracy: float, stage: str = "ast") -> None:
+    """Write a finished stage as cmkd writes it: per-epoch metrics and a finished summary."""
     import json
 
-    d = g.stage_dir("ast")
+    d = g.stage_dir(stage)
     d.mkdir(parents=True)
     d.joinpath("metrics.jsonl").write_text("".join(
         json.dumps({"epoch": i + 1, "eval_accuracy": accuracy, "epoch_seconds": 1.0}) + "\n"
@@ -112,7 +112,7 @@ def test_a_still_rising_ladder_grows_by_one_rung_and_the_grid_waits(study, tmp_p
 
     def finish(epochs: int, accuracy: dict[tuple, float]) -> None:
         for g in runs.probe_groups(tmp_path, gins, {"esc10": [epochs]}):
-            _finish_probe_run(g, accuracy[(g.split, g.seed)])
+            _finish(g, accuracy[(g.split, g.seed)])
 
     finish(10, {("fold1", 0): 0.50, ("fold2", 1): 0.52})
     assert {g.epochs for g in results.probe_plan(tmp_path, gins)} == {10, 20}  # 20 not finished: no growth
@@ -142,7 +142,7 @@ def test_the_probe_command_runs_each_new_rung_until_the_ladder_settles(study, tm
         todo = [g for g in groups if g.summary("ast") is None]
         batches.append(sorted({g.epochs for g in todo}))
         for g in todo:
-            _finish_probe_run(g, min(g.epochs, 30) / 100)
+            _finish(g, min(g.epochs, 30) / 100)
 
     monkeypatch.setattr(runs, "run_groups", fake_run_groups)
     monkeypatch.setattr(sys, "argv", ["cmkd_study.py", "--work", str(tmp_path / "work"), "--probe", "--datasets",
@@ -168,3 +168,42 @@ def test_wall_time_is_the_union_of_the_invocations_intervals_and_survives_a_kill
         assert start == running.start and end - start >= 0.2
     (start, end), = ledger.intervals(tmp_path)
     assert end - start >= 0.3
+
+
+def test_the_grid_takes_seeds_until_every_kd_difference_is_precise_then_runs_the_tau_pass(study, tmp_path,
+                                                                                         monkeypatch):
+    """`cmkd_study.py` (the grid) with training replaced by writing finished runs: seed 0's paired
+    differences (+10, 0, +5 pp) have an SE of 2.9 pp, above the 2 pp target, so seed 1 runs; with it
+    the SE is 1.3 pp, so the seeds settle and the τ pass runs on seed 0's runs, and nothing more."""
+    import cmkd_study
+    from study import runs
+    from study.setup import ALL, CELLS, CORE
+
+    monkeypatch.setattr(cmkd_study, "prepare", lambda *a: None)
+    gain = {(f"fold{f}", 0): g for f, g in [(1, 0.10), (2, 0.0), (3, 0.05)]}
+    batches = []
+
+    def fake_run_groups(groups, jobs, logs):
+        todo = [(g, s) for g in groups for s in g.stages if g.summary(s) is None]
+        batches.append(sorted({(g.split, g.seed, s) for g, s in todo}))
+        for g, s in todo:
+            _finish(g, 0.5 + (gain.get((g.split, g.seed), 0.05) if CELLS[s][2] else 0.0), s)
+
+    monkeypatch.setattr(runs, "run_groups", fake_run_groups)
+    monkeypatch.setattr(sys, "argv", ["cmkd_study.py", "--work", str(tmp_path / "work"), "--datasets", "esc10",
+                                      "--budget", "esc10=10", "--folds", "1,2,3", "--seeds", "0,1,2",
+                                      "--out", str(tmp_path / "results.md")])
+    cmkd_study.main()
+    folds = ["fold1", "fold2", "fold3"]
+    assert batches == [sorted((f, 0, s) for f in folds for s in CORE),
+                       sorted((f, 1, s) for f in folds for s in CORE),
+                       sorted((f, 0, s) for f in folds for s in ALL if s not in CORE)]  # no seed 2
+    _, results, _ = study
+    cells = results.collect(cmkd_study.plan(cmkd_study.parse(), runs.write_gins(tmp_path / "work", ["esc10"]))[2])
+    assert results.imprecise(cells["esc10"]) == []
+    assert len(cells["esc10"]["cnn_to_ast"].scores) == 6 and len(cells["esc10"]["cnn_to_ast_tau"].scores) == 3
+    # One seed fewer to draw from: seed 0 alone is imprecise, but the seeds are used up, so the τ pass runs.
+    grid = results.grid_plan(tmp_path / "work", runs.write_gins(tmp_path / "work", ["esc10"]), {"esc10": 10}, [0],
+                             [1, 2, 3], [], 1)
+    assert results.imprecise(results.collect(grid)["esc10"]) == ["cnn_to_ast", "ast_to_cnn", "cnn_to_cnn"]
+    assert {(g.seed, len(g.stages)) for g in grid} == {(0, len(CORE)), (0, len(ALL))}

@@ -17,6 +17,7 @@ from study.results import (
     collect,
     count,
     findings,
+    imprecise,
     ladder,
     probe_runs_text,
     probe_scores,
@@ -24,9 +25,8 @@ from study.results import (
     vs_baseline,
 )
 from study.runs import Group, fmt_time
-from study.setup import CELLS, MODEL, REPO, SIZES, TAU_HIGH
+from study.setup import CELLS, CORE, MODEL, REPO, SIZES, TAU_HIGH
 
-TARGET_SE = 0.02  # the issue's resolution: paired standard error of at most ~2 pp
 NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 
 
@@ -110,9 +110,9 @@ def cell_table(cells: dict[str, Cell], k: int) -> list[str]:
             dsd = stats.mean_sd(d.diffs)[1]
             vb = f"{100 * dm:+.1f} ({sum(x > 0 for x in d.diffs)}/{d.n} better)" if d.n else "–"
             se_t = pct(se) if se == se else "–"
-            ok = (("yes" if se <= TARGET_SE else "no") if d.n >= stats.MIN_RUNS
+            ok = (("yes" if se <= stats.TARGET_SE else "no") if d.n >= stats.MIN_RUNS
                   else f"< {stats.MIN_RUNS} runs") if se == se else "–"
-            need = str(stats.runs_needed(dsd, TARGET_SE)) if dsd == dsd else "–"
+            need = str(stats.runs_needed(dsd, stats.TARGET_SE)) if dsd == dsd else "–"
             tv = stats.paired(c.scores, cells[teacher].scores) if teacher in cells else []
             vt = f"{100 * statistics.fmean(tv):+.1f}" if tv else "–"
         else:
@@ -156,8 +156,10 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
          "implemented by cmkd (`docs/distillation.md`).", ""]
     if not complete:
         L += [f"> {remaining(probe, grid, args.jobs)}", ">"]
-        L += [f"> **Partial results.** Budget probe: {p_done} of {p_all} runs finished. Grid: {g_done} of {g_all} "
-              "stage runs finished" + ("" if grid else " (the grid starts once the probe has chosen the budgets)") +
+        L += [f"> **Partial results.** Budget probe: {p_done} of {p_all} runs finished. Grid: {g_done} of the {g_all} "
+              "stage runs planned so far finished" +
+              (" (the plan grows by a seed while a difference is imprecise, then by the τ pass)" if grid else
+               " (the grid starts once the probe has chosen the budgets)") +
               ". The study resumes with the command below; every number here will change as runs finish.", ""]
     L += [f"- **Command:** `{args.command}` (probe: `--probe`; tables only: `--report-only`)",
           f"- **Machine:** {machine()}; {args.jobs} `cmkd run` processes at a time, sharing the 2 cores with other "
@@ -184,6 +186,11 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **KD:** `strategies.logit_kd` (λ = {m['lam']}, τ on the teacher's logits only), "
           f"τ = 1 and τ = {TAU_HIGH}; "
           "the teacher is its stage's last checkpoint of the same run (same split and seed).",
+          f"- **Seeds, by rule:** each dataset's grid starts on seed {args.seeds[0]} over all its splits and takes "
+          f"the next seed (of {args.seeds}) while the paired difference of a KD cell from the same model alone has "
+          f"a standard error above {100 * stats.TARGET_SE:.0f} pp or fewer than {stats.MIN_RUNS} runs. Once its "
+          f"seeds settle, the τ = {TAU_HIGH} pass adds the τ stages to the runs of its first {args.tau_seeds} "
+          "seed(s)" + (" (not run: --no-tau)." if not args.tau_seeds else "."),
           "- **Score of a run:** the mean eval accuracy over its last k epochs (k = 10 % of the budget); no epoch "
           "is picked on the eval split. Paired differences compare runs of the same split and seed; their "
           "standard error treats the (split, seed) runs as independent.", ""]
@@ -193,7 +200,8 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
         k = stats.last_k(chosen[ds])
         seeds = sorted({key[1] for c in results[ds].values() for key in c.scores})
         splits = sorted({key[0] for c in results[ds].values() for key in c.scores})
-        L += [f"## {NAMES[ds]}: {chosen[ds]} epochs, {len(splits)} split(s) × seeds {seeds}", ""]
+        L += [f"## {NAMES[ds]}: {chosen[ds]} epochs, {len(splits)} split(s) × seeds {seeds}", "",
+              seed_state([g for g in grid if g.dataset == ds], results[ds]), ""]
         L += cell_table(results[ds], k) + [""]
     L += [f"![CMKD study]({png.name})", "",
           "The figure: per dataset, the budget probe's AST curves (left), then the eval curves of each student "
@@ -215,6 +223,20 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
     if args.docs:
         update_docs(REPO / "docs" / "distillation.md", results, chosen, md, bool(complete))
     return text
+
+
+def seed_state(grid: list[Group], cells: dict[str, Cell]) -> str:
+    """Where the seed rule stands for one dataset's grid."""
+    core = [g for g in grid if g.stages == CORE]
+    used = sorted({g.seed for g in core})
+    loose = ", ".join(CELLS[s][0] for s in imprecise(cells))
+    if any(g.summary(s) is None for g in core for s in CORE):
+        return (f"**Seeds {used}:** seed {used[-1]} is still running; once it has finished, the rule decides whether "
+                "another seed is needed.")
+    if not loose:
+        return (f"**Seeds {used}, settled:** every KD cell's paired standard error is at most "
+                f"{100 * stats.TARGET_SE:.0f} pp, over at least {stats.MIN_RUNS} runs.")
+    return f"**Seeds {used}, all the seeds given:** {loose} still above {100 * stats.TARGET_SE:.0f} pp."
 
 
 def wall_text(work: Path) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from study import runs, stats
 from study.runs import PROBE_RUNS, Group
-from study.setup import BASELINE, CELLS
+from study.setup import ALL, BASELINE, CELLS, CORE
 
 
 def curve(g: Group, stage: str) -> list[float] | None:
@@ -100,6 +100,37 @@ def collect(grid: list[Group]) -> dict[str, dict[str, Cell]]:
             cell.seconds.append(train_seconds(g, s))
             cell.params = g.summary(s)["params"]
     return out
+
+
+def imprecise(cells: dict[str, Cell]) -> list[str]:
+    """The core KD cells whose difference from the same model alone is not yet measured to
+    TARGET_SE (a larger paired standard error, or fewer than MIN_RUNS paired runs)."""
+    return [s for s in CORE if CELLS[s][2] and not stats.precise(vs_baseline(cells, s).diffs)]
+
+
+def grid_plan(work: Path, gins: dict[str, Path], budgets: dict[str, int], seeds: list[int], folds: list[int],
+              pairs: list[int], tau_seeds: int) -> list[Group]:
+    """The grid at the settled budgets, as large as the precision asks and no larger. Each dataset's
+    core cells start on the first of `seeds` (every split) and take the next one while all its core
+    runs have finished and some KD cell is imprecise. Once a dataset's seeds have settled, the τ pass
+    adds the τ stages to the runs of its first `tau_seeds` seeds (their teachers are reused). Like
+    probe_plan, a function of the finished runs: every invocation plans the same grid."""
+    chosen = {ds: seeds[:1] for ds in gins}
+    settled: list[str] = []
+    while True:
+        core = runs.grid_pass(work, gins, budgets, chosen, folds, pairs, CORE)
+        grew = False
+        for ds in gins:
+            mine = [g for g in core if g.dataset == ds]
+            if ds in settled or any(g.summary(s) is None for g in mine for s in CORE):
+                continue
+            if len(chosen[ds]) < len(seeds) and imprecise(collect(mine).get(ds, {})):
+                chosen[ds], grew = seeds[:len(chosen[ds]) + 1], True
+            else:
+                settled.append(ds)
+        if not grew:
+            tau = {ds: chosen[ds][:tau_seeds] for ds in settled}
+            return core + runs.grid_pass(work, {ds: gins[ds] for ds in settled}, budgets, tau, folds, pairs, ALL)
 
 
 @dataclass

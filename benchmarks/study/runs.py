@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.setup import ALL, CELLS, CMKD, CORE, ESC_FOLDS, FSDD_PAIRS, REPO, fsdd_root, gin_text, thread_env
+from study.setup import CELLS, CMKD, ESC_FOLDS, FSDD_PAIRS, REPO, fsdd_root, gin_text, thread_env
 
 # The budget probe: AST alone on a ladder of epoch budgets, each a full cosine run (a single
 # long run's curve does not show where a shorter cosine run would plateau).
@@ -109,17 +109,16 @@ def probe_groups(work: Path, gins: dict[str, Path], rungs: dict[str, list[int]])
     return out
 
 
-def grid_groups(work: Path, gins: dict[str, Path], budgets: dict[str, int], seeds: list[int], folds: list[int],
-                pairs: list[int], tau: bool) -> list[Group]:
-    """Seed by seed (every split of seed 0 for both datasets, then seed 1, ...), so that a grid
-    stopped early is balanced; the τ pass (the same groups with the τ stages added) after all of it."""
+def grid_pass(work: Path, gins: dict[str, Path], budgets: dict[str, int], seeds: dict[str, list[int]],
+              folds: list[int], pairs: list[int], stages: list[str]) -> list[Group]:
+    """One pass of the grid, seed by seed (every split of each dataset's first seed, then the next
+    seed, ...), so that a pass stopped early is balanced."""
     out = []
-    passes = [CORE, ALL] if tau else [CORE]
-    for stages in passes:
-        for seed in seeds:
-            for ds in gins:
-                for split in splits_of(ds, folds, pairs):
-                    out.append(make_group(work, gins, ds, split, seed, budgets[ds], stages))
+    for i in range(max((len(v) for v in seeds.values()), default=0)):
+        for ds in gins:
+            if i < len(seeds.get(ds, [])):
+                out += [make_group(work, gins, ds, split, seeds[ds][i], budgets[ds], stages)
+                        for split in splits_of(ds, folds, pairs)]
     return out
 
 

@@ -71,6 +71,12 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
 MIN_RUNS = 3  # fewer paired runs: the SE is not stated as meeting a target
+TARGET_SE = 0.02  # the precision the grid is run to: a paired standard error of at most ~2 pp
+
+
+def precise(diffs: Sequence[float]) -> bool:
+    """Whether paired differences measure their mean to TARGET_SE, from at least MIN_RUNS runs."""
+    return len(diffs) >= MIN_RUNS and mean_se(diffs)[1] <= TARGET_SE
 
 
 def t95(df: int) -> float:
