@@ -57,7 +57,10 @@ def probe_section(probe: list[Group], chosen: dict[str, int | None], overrides: 
          f"budget, at least 3), averages the probe runs, and takes as the budget the **smallest rung whose next "
          f"rung adds less than {stats.GAIN_PP:.0f} pp**. While every step adds more, the ladder grows by "
          f"{runs.PROBE_STEP} epochs at a time, and the grid waits for it. The same budget is used for every cell "
-         "of the dataset, KD cells included.", ""]
+         "of the dataset, KD cells included. The probe runs at the chosen budget are also the grid's AST-alone runs "
+         "of their split and seed (the same gin, split, seed and budget): the budget was chosen on the eval "
+         "split, as every setting of a small study without a third split is, and on the AST alone, never on "
+         "a KD cell.", ""]
     scores = probe_scores(probe)
     for ds in scores:
         lad = ladder(probe, ds)
