@@ -207,3 +207,19 @@ def test_the_grid_takes_seeds_until_every_kd_difference_is_precise_then_runs_the
                              [1, 2, 3], [], 1)
     assert results.imprecise(results.collect(grid)["esc10"]) == ["cnn_to_ast", "ast_to_cnn", "cnn_to_cnn"]
     assert {(g.seed, len(g.stages)) for g in grid} == {(0, len(CORE)), (0, len(ALL))}
+
+
+def test_the_figures_gap_curve_ends_at_the_tables_paired_difference(study):
+    """results.png's right panel: per paired run, KD − the same model alone as the moving mean of k; its
+    last point is the paired last-k difference that the table and the verdict report."""
+    stats, results, _ = study
+    from study import plot
+
+    base = {("fold1", 0): [0.1, 0.5, 0.6, 0.7], ("fold2", 0): [0.2, 0.4, 0.5, 0.6], ("fold3", 0): [0.3] * 4}
+    kd = {("fold1", 0): [0.2, 0.5, 0.7, 0.9], ("fold2", 0): [0.1, 0.4, 0.6, 0.6]}  # fold3 has no KD run
+    cells = {"ast": results.Cell("ast", {k: stats.last_k_mean(c, 2) for k, c in base.items()}, base),
+             "cnn_to_ast": results.Cell("cnn_to_ast", {k: stats.last_k_mean(c, 2) for k, c in kd.items()}, kd)}
+    gaps = plot.gap_curves(cells, "cnn_to_ast", 2)
+    assert len(gaps) == 2 and gaps[0] == pytest.approx([0.1, 0.05, 0.05, 0.15])
+    _, mean, _ = plot.band(gaps)
+    assert mean[-1] / 100 == pytest.approx(stats.mean_se(results.vs_baseline(cells, "cnn_to_ast").diffs)[0])

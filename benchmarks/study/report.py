@@ -207,8 +207,11 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
               seed_state([g for g in grid if g.dataset == ds], results[ds]), ""]
         L += cell_table(results[ds], k) + [""]
     L += [f"![CMKD study]({png.name})", "",
-          "The figure: per dataset, the budget probe's AST curves (left), then the eval curves of each student "
-          "against the same model alone (mean ± standard error over the finished runs).", "",
+          "The figure: per dataset, the budget probe's AST curves (left); the eval curves of each student "
+          "against the same model alone (mean ± standard error over the finished runs); and (right) the gap "
+          "itself, run by run: KD student − the same model alone on the same split and seed, as the moving mean "
+          "of the last k epochs, mean ± SE over the paired runs. Its last point is the table's paired "
+          "difference; the curve shows when the gap opens or closes.", "",
           "## Do the paper's findings hold at this scale?", ""]
     L += verdict(results) if results else ["No grid run has finished yet.", ""]
     L += ["## Reproduce", "", "```", "python benchmarks/cmkd_study.py --probe", "python benchmarks/cmkd_study.py",
