@@ -223,3 +223,21 @@ def test_the_figures_gap_curve_ends_at_the_tables_paired_difference(study):
     assert len(gaps) == 2 and gaps[0] == pytest.approx([0.1, 0.05, 0.05, 0.15])
     _, mean, _ = plot.band(gaps)
     assert mean[-1] / 100 == pytest.approx(stats.mean_se(results.vs_baseline(cells, "cnn_to_ast").diffs)[0])
+
+
+def test_time_left_counts_the_planned_runs_and_prices_what_the_rules_may_add(study, tmp_path):
+    """One of two splits finished at 1 s per epoch: 5 stages × 10 epochs left; a seed the rule may add
+    costs 2 splits × 5 stages × 10 epochs, the τ pass 2 splits × 2 τ stages × 10 epochs."""
+    _, results, report = study
+    from study import runs
+    from study.setup import CORE
+
+    gins = runs.write_gins(tmp_path, ["esc10"])
+    grid = results.grid_plan(tmp_path, gins, {"esc10": 10}, [0, 1], [1, 2], [], 1)
+    for g in grid:
+        if g.split == "fold1":
+            for s in CORE:
+                _finish(g, 0.5, s)
+    text = report.remaining([], results.grid_plan(tmp_path, gins, {"esc10": 10}, [0, 1], [1, 2], [], 1), 2, 1)
+    assert "ESC-10 50 stage-epochs ≈ 0:00:50" in text and "about 0:00:25 wall with 2 at a time" in text
+    assert "ESC-10: ≈ 0:01:40 for each seed the rule adds, ≈ 0:00:40 for the τ pass" in text

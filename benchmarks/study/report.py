@@ -25,9 +25,10 @@ from study.results import (
     vs_baseline,
 )
 from study.runs import Group, fmt_time
-from study.setup import CELLS, CORE, MODEL, REPO, SIZES, TAU_HIGH
+from study.setup import ALL, CELLS, CORE, MODEL, REPO, SIZES, TAU_HIGH
 
 NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
+TAU_STAGES = [s for s in ALL if s not in CORE]
 
 
 def pct(x: float) -> str:
@@ -158,7 +159,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
          "every figure here is computed by that script from finished runs. Method: Gong et al. 2022 (CMKD) as "
          "implemented by cmkd (`docs/distillation.md`).", ""]
     if not complete:
-        L += [f"> {remaining(probe, grid, args.jobs)}", ">"]
+        L += [f"> {remaining(probe, grid, args.jobs, args.tau_seeds)}", ">"]
         L += [f"> **Partial results.** Budget probe: {p_done} of {p_all} runs finished. Grid: {g_done} of the {g_all} "
               "stage runs planned so far finished" +
               (" (the plan grows by a seed while a difference is imprecise, then by the τ pass)" if grid else
@@ -262,9 +263,10 @@ def wall_text(work: Path) -> str:
     return "; ".join(parts) or "no invocation has run yet"
 
 
-def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
+def remaining(probe: list[Group], grid: list[Group], jobs: int, tau_seeds: int) -> str:
     """The work left, in epochs and CPU time: each stage at the seconds per epoch measured for that
-    dataset and stage (a KD stage costs more than its student alone), or for the dataset until then."""
+    dataset and stage (a KD stage costs more than its student alone; a τ stage as its τ = 1 stage),
+    or for the dataset until then. Plus what the grid may still add: another seed, the τ pass."""
     per_epoch: dict[tuple, list[float]] = {}
     left: dict[tuple, int] = {}
     seen = set()
@@ -281,20 +283,33 @@ def remaining(probe: list[Group], grid: list[Group], jobs: int) -> str:
                 left[(g.dataset, s)] = left.get((g.dataset, s), 0) + g.epochs
     if not left:
         return "No stage run left to train."
+
+    def cost(ds: str, stage: str, epochs: int) -> float:
+        # the median: an epoch during which the study was paused (SIGSTOP, for a quiet benchmark) counts long
+        return epochs * statistics.median(per_epoch.get((ds, stage)) or per_epoch.get((ds, stage.removesuffix("_tau")))
+                                          or per_epoch[(ds,)])
+
     parts, cpu = [], 0.0
     for ds in dict.fromkeys(d for d, _ in left):
         epochs = sum(n for (d, _), n in left.items() if d == ds)
-        # the median: an epoch during which the study was paused (SIGSTOP, for a quiet benchmark) counts long
-        costs = [n * statistics.median(per_epoch.get((d, s)) or per_epoch[(d,)])
-                 for (d, s), n in left.items() if d == ds and per_epoch.get((d,))]
+        costs = [cost(d, s, n) for (d, s), n in left.items() if d == ds and per_epoch.get((d,))]
         cpu += sum(costs)
         each = f" ≈ {fmt_time(sum(costs))} at the median seconds per epoch measured so far" if costs else ""
         parts.append(f"{NAMES[ds]} {epochs} stage-epochs{each}")
     waiting = sorted({NAMES[g.dataset] for g in probe} - {NAMES[g.dataset] for g in grid})
     grid_note = (f" ({' and '.join(waiting)}: the probe only; a grid's size is known once its budget is)"
                  if waiting else "")
+    more = []
+    for ds in dict.fromkeys(g.dataset for g in grid):
+        core = [g for g in grid if g.dataset == ds and g.stages == CORE]
+        if per_epoch.get((ds,)) and any(g.summary(s) is None for g in core for s in CORE):  # seeds not settled
+            seed = len({g.split for g in core}) * sum(cost(ds, s, core[0].epochs) for s in CORE)
+            tau = len({g.split for g in core}) * tau_seeds * sum(cost(ds, s, core[0].epochs) for s in TAU_STAGES)
+            more.append(f"{NAMES[ds]}: ≈ {fmt_time(seed)} for each seed the rule adds" +
+                        (f", ≈ {fmt_time(tau)} for the τ pass once its seeds settle" if tau_seeds else ""))
     return (f"**Left to train:** {'; '.join(parts)}{grid_note} ≈ {fmt_time(cpu)} of process time, about "
-            f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load).")
+            f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load)." +
+            (f" Not planned yet: {'; '.join(more)}." if more else ""))
 
 
 def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[str, Any], md: Path,
