@@ -286,6 +286,25 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     retrying(url, "write", put)
 
 
+def check_writable(url: str, folder: bool = False) -> None:
+    """Before long work whose result goes to ``url`` (a file, or a ``folder``): refuse a local
+    destination that cannot be written, so that the work is not lost at the end. Object stores are
+    not probed: there a write is the only test."""
+    if not is_local(url):
+        return
+    path = os.path.abspath(local_path(url))
+    want, other = ("folder", "file") if folder else ("file", "folder")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise StorageError(f"{url}: is a {other}, not a {want}; give the path of a {want}")
+    nearest = path
+    while not os.path.exists(nearest):  # the closest part of the path that exists: where writing starts
+        nearest = os.path.dirname(nearest)
+    if nearest != path and not os.path.isdir(nearest):
+        raise StorageError(f"{url}: {nearest} is a file, so no folder can be made there; pick another {want}")
+    if not os.access(nearest if os.path.isdir(nearest) else os.path.dirname(nearest), os.W_OK):
+        raise StorageError(f"{url}: no permission to write in {nearest}; fix the permissions or pick another {want}")
+
+
 def create_exclusive(url: str, data: bytes) -> bool:
     """Write ``data`` to ``url`` only if nothing is there; False when something is.
 

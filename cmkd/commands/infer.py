@@ -53,7 +53,12 @@ def _emit(text: Any, output: Optional[str]) -> None:
         rec = Console(record=True, width=120, file=io.StringIO())  # render only; export_text gives the text
         rec.print(text)
         text = rec.export_text()
-    storage.write_text(output, text)
+    try:
+        storage.write_text(output, text)
+    except USER_ERRORS as err:  # the results exist: print them rather than lose them with the file
+        out.file.write(text)
+        out.file.flush()
+        fail(f"{err} (the results are printed above instead)", exit_code(err))
     console.print(f"wrote {output}", markup=False, highlight=False)
 
 
@@ -95,7 +100,7 @@ def eval_cmd(
     """Metrics (mAP, mAUC, d′, accuracy) on a prepared split; several checkpoints → their ensemble too."""
     import json
 
-    from cmkd import plugins
+    from cmkd import plugins, storage
     from cmkd.infer.loading import device_of, open_model, resolve_checkpoint
     from cmkd.infer.scoring import check_compatible, metrics_csv, open_split, predict_split, report, tables
 
@@ -107,6 +112,8 @@ def eval_cmd(
     num_workers = prefer(num_workers, workers, "--workers", default=2)
     plugins.load_all()  # checkpoints may name plugin components
     try:
+        if output:
+            storage.check_writable(output)
         dev = device_of(device)
         urls = [resolve_checkpoint(c) for c in ckpts]
         models = [open_model(u, dev, clip_seconds) for u in urls]
@@ -140,7 +147,7 @@ def predict(
     clip_seconds: Optional[float] = typer.Option(None, "--clip-seconds", help=CLIP_HELP),
 ) -> None:
     """Top-k labels for audio files; long files are scored in sliding windows."""
-    from cmkd import plugins
+    from cmkd import plugins, storage
     from cmkd.infer import predict as predicting
     from cmkd.infer.loading import device_of, open_model
     from cmkd.infer.sources import collect, require_sources
@@ -150,6 +157,8 @@ def predict(
         fail(f"--top-k must be at least 1, got {top_k}")
     plugins.load_all()
     try:
+        if output:
+            storage.check_writable(output)
         found = collect(paths)
         require_sources(found)
         dev = device_of(device)
@@ -229,7 +238,10 @@ def embed(
     _report_failures(failed, matrix.shape[0], "embedded")
     meta = embedding.index(model, settings, results, model.classifier.embed_dim)
     meta["errors"] += [{"path": p, "error": why} for p, why in found.missing]
-    embedding.write(out_dir, matrix, meta)
+    try:
+        embedding.write(out_dir, matrix, meta)
+    except USER_ERRORS as err:
+        fail(str(err), exit_code(err))
     console.print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} float32 embeddings to {out_dir}/{embedding.EMBEDDINGS} "
                   f"(row order in {embedding.INDEX})", markup=False, highlight=False)
 

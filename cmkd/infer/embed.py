@@ -20,7 +20,8 @@ EMBEDDINGS, INDEX = "embeddings.npy", "index.json"
 
 
 def check_output(out_dir: str, overwrite: bool) -> None:
-    """Refuse to replace embeddings already written, unless asked to."""
+    """Refuse a folder that cannot be written, or embeddings already written there unless asked to."""
+    storage.check_writable(out_dir, folder=True)
     existing = [n for n in (EMBEDDINGS, INDEX) if storage.exists(storage.join(out_dir, n))]
     if existing and not overwrite:
         raise InferError(
