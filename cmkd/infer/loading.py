@@ -9,6 +9,7 @@ import torch
 from cmkd import checkpoint
 from cmkd.checkpoint import resolve as resolve_checkpoint  # noqa: F401 - cmkd.infer's public name
 from cmkd.device import pick_device
+from cmkd.errors import CmkdError
 from cmkd.infer.sources import InferError
 from cmkd.models.factory import LoadedModel, load_model
 
@@ -16,10 +17,8 @@ from cmkd.models.factory import LoadedModel, load_model
 def device_of(name: str) -> torch.device:
     try:
         return pick_device(name)
-    except RuntimeError as err:  # its message already names the flag and the fix
+    except CmkdError as err:  # its message already names the flag and the fix
         raise InferError(str(err)) from None
-    except ValueError as err:
-        raise InferError(f"--device {name!r}: {err}; use auto, cpu, cuda or cuda:N") from None
 
 
 def open_model(path: str, device: torch.device, clip_seconds: float | None = None) -> LoadedModel:
