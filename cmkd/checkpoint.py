@@ -9,6 +9,7 @@ config), normalization, the stage scope and the cmkd version.
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from typing import Any
 
@@ -81,13 +82,22 @@ def load(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise _corrupt(url, err) from None
     except Exception as err:  # weights_only refuses anything that is not plain data
-        raise CheckpointError(f"{url} cannot be read safely with weights_only=True: {err}") from None
+        raise CheckpointError(f"{url} holds objects other than tensors and plain data ({refused(err)}), which cmkd "
+                              "never unpickles: a checkpoint is data, never code; pass a file written by `cmkd run`"
+                              ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{url} is not a cmkd checkpoint (no '{FORMAT}' marker); "
             f"pass a file written by `cmkd run` (runs/<experiment>/<stage>/checkpoints/best.pt)"
         )
     return payload
+
+
+def refused(err: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, in a few words. Its own message advises loading the
+    file with weights_only=False or allowing the global, either of which runs the file's code: never shown."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f"its pickle calls {named[1]}" if named else type(err).__name__
 
 
 def _corrupt(url: str, err: BaseException) -> CheckpointError:

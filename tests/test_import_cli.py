@@ -119,6 +119,7 @@ def test_pickle_payload_never_runs(tmp_path):
         assert any(b"open" in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
     text = _one_error(cli("import", evil, "-o", tmp_path / "x.pt"), str(evil), "never unpickled")
     assert not marker.exists(), text
+    assert "weights_only" not in text  # torch's advice to load it unsafely is not passed on
     torch.load(evil, weights_only=False)  # the control: an unsafe load does run it
     assert marker.exists()
 

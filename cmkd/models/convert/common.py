@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from cmkd import storage
+from cmkd import checkpoint, storage
 from cmkd.errors import CmkdError
 
 # The AST release's AudioSet front end (ast src/run.sh / src/dataloader.py): 16 kHz, 128 mel bins, 1024 frames.
@@ -70,8 +70,8 @@ def load_torch(data: bytes, url: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused a global: the file wants to run code
-        first = str(err).strip().splitlines()[0][:200]
-        raise ConvertError(f"{url} holds objects other than tensors, which are never unpickled here ({first}); "
+        raise ConvertError(f"{url} holds objects other than tensors, which are never unpickled here "
+                           f"({checkpoint.refused(err)}); "
                            f"re-save it with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
