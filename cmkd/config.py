@@ -23,6 +23,21 @@ from cmkd.registry import REGISTRIES
 from cmkd.saved_config import ALLOW_IMPORT_ENV  # noqa: F401 - re-exported: its old home
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+
+
+def _never_raises(exists):  # noqa: ANN001, ANN202 - gin's (path) -> bool
+    def check(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:  # a plain folder on sys.path (a namespace package) has no file: not there
+            return False
+
+    return check
+
+
+# gin also looks an include like 'data/synthetic.gin' up as a file of the Python package `data`, and
+# crashes (TypeError) when `data` is a plain folder on sys.path: `PYTHONPATH=.` in a folder with data/.
+gin.config._FILE_READERS[:] = [(read, _never_raises(exists)) for read, exists in gin.config._FILE_READERS]  # noqa: SLF001
 _UNKNOWN_REF = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+)'")
 
 
@@ -90,7 +105,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
             for path in paths:
                 gin.parse_config_file(str(path))
     except (ValueError, TypeError, IOError, SyntaxError) as err:
-        raise ConfigError(_suggest_parameter(_explain(err))) from None
+        raise ConfigError(_one_line(_suggest_parameter(_explain(err)))) from None
     except tokenize.TokenError as err:  # gin lets the tokenizer's error through, with no file name
         raise ConfigError(f"{path} (or a file it includes): the file ends inside an open bracket or string "
                           f"({err.args[0]}); close the bracket or quote") from None
@@ -102,7 +117,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> str:
         try:
             gin.parse_config(binding)
         except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as err:
-            raise ConfigError(f"in --bind {binding!r}: {_suggest_parameter(_explain(err))}") from None
+            raise ConfigError(f"in --bind {binding!r}: {_one_line(_suggest_parameter(_explain(err)))}") from None
     # Modules the user's gin files named: checkpoints this process wrote may import them again.
     saved_config.user_imports.update(st.module for st in gin.config._IMPORTS)  # noqa: SLF001
     return gin.config_str()
@@ -192,9 +207,34 @@ def _where(source: str, number: int, line: str) -> str:
     return f"{source}:{number}" if source != "--bind" else f"--bind {line.strip()!r}"
 
 
+_GIN_FILE_LINE = re.compile(r'^\s+In file "([^"]+)", line (\d+)')
+_GIN_BIND_LINE = re.compile(r"^\s+In bindings string line \d+")
+
+
+def _one_line(msg: str) -> str:
+    """gin's message is the problem, then indented lines (where: file and line, the line itself, a
+    caret); cmkd's hints follow unindented. One line: the problem (file:line), then the hints."""
+    lines = msg.splitlines() or [""]
+    where, rest, skip = "", [], False
+    for ln in lines[1:]:
+        if m := (_GIN_FILE_LINE.match(ln) or _GIN_BIND_LINE.match(ln)):
+            where = f" ({m[1]}:{m[2]})" if m.re is _GIN_FILE_LINE else where
+            skip = True  # the next line echoes the binding
+        elif not skip and ln.strip() and set(ln.strip()) != {"^"}:
+            rest.append(ln.strip())
+        else:
+            skip = False
+    head = lines[0].strip()
+    parts = [head.removesuffix(".") + where + "." if where else head, *rest]
+    return " ".join(p if p.endswith((".", "?", "!")) or p is parts[-1] else p + "." for p in parts)
+
+
 def _suggest_parameter(msg: str) -> str:
     """gin names an unknown parameter but not the right one: add the close matches."""
-    if "Failed to parse token" in msg:
+    # ast.literal_eval names the node object it refused ("<ast.Name object at 0x7f...>"), not the value
+    msg = re.sub(r"malformed node or string on line \d+: <ast\.\w+ object at 0x[0-9a-f]+>(\n\s*(?=Failed))?",
+                 lambda m: "" if m[1] else "the value is not a Python literal.", msg)
+    if "Failed to parse token" in msg or "not a Python literal" in msg:
         return f"{msg}\nValues are Python literals: quote strings ('text'), reference components as @kind.name"
     match = _UNKNOWN_PARAM.search(msg)
     if not match:
@@ -233,6 +273,11 @@ def _explain(err: BaseException) -> str:
             msg += f"\nDid you mean: {', '.join('@' + c for c in close)}?"
         msg += "\nRun `cmkd registry` to list every component (plugins included)."
     return msg
+
+
+def scopes() -> set[str]:
+    """The top-level scopes the current config binds something in ('teacher' of teacher/train.epochs)."""
+    return {scope.split("/")[0] for scope, selector in gin.config._CONFIG if scope and selector != "gin.macro"}  # noqa: SLF001
 
 
 def known_selectors() -> list[str]:

@@ -48,13 +48,14 @@ def test_unknown_component_names_file_line_and_close_match(tmp_path):
         config.parse([str(bad)])
     msg = str(err.value)
     # the closest name comes first (psla_efficientnet may follow it)
-    assert "bad.gin" in msg and "line 2" in msg and re.search(r"Did you mean: @backbones\.efficientnet[,?]", msg)
+    assert f"({bad}:2)." in msg and re.search(r"Did you mean: @backbones\.efficientnet[,?]", msg)
+    assert "\n" not in msg  # one line: the problem (file:line), then the hints
 
 
 def test_unknown_parameter_and_bad_binding(tmp_path):
     bad = tmp_path / "typo.gin"
     bad.write_text("train.epoch = 3\n")
-    with pytest.raises(ConfigError, match=r"(?s)doesn't have a parameter named 'epoch'.*typo.gin.*line 1"):
+    with pytest.raises(ConfigError, match=r"doesn't have a parameter named 'epoch' \(.*typo\.gin:1\)\."):
         config.parse([str(bad)])
     with pytest.raises(ConfigError, match="in --bind"):
         config.parse([str(config.recipes_dir() / "cnn.gin")], ["train.epochs = = 3"])
@@ -104,3 +105,17 @@ def test_a_location_is_the_binding_gin_kept_when_a_file_overrides_what_it_includ
     gin.clear_config()
     config.parse([str(top)], ["BATCH = 16"])
     assert config.macro_location("BATCH") == "--bind 'BATCH = 16'"
+
+
+def test_an_include_is_found_with_a_plain_data_folder_on_the_python_path(tmp_path, monkeypatch):
+    """gin looks 'data/synthetic.gin' up as a file of a Python package `data` too; a folder data/ in the
+    working directory with PYTHONPATH=. made that lookup crash (TypeError) on every shipped recipe."""
+    import importlib
+
+    (tmp_path / "data" / "esc10").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("data").origin is None  # the namespace package that gin tripped on
+    text = config.parse(["cnn_to_ast.gin"])
+    assert "datasets.synthetic" in text

@@ -3,6 +3,8 @@ config, a plugin backbone from gin, and bad configs failing before any training.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TINY_AST, TINY_CNN, cmkd_env, read_json, read_jsonl, run_cmkd, write_gin
@@ -115,6 +117,8 @@ def test_a_bad_config_fails_before_training_naming_file_and_line(tmp_path, line,
     cfg = write_gin(tmp_path / "bad.gin", TINY_AST, DATA, CNN_TO_AST, line)
     result = run_cmkd(["run", cfg, "--run-dir", tmp_path / "runs", "--device", "cpu"], env=cmkd_env(tmp_path))
     assert result.returncode == 2, result.describe()
-    assert expected in result.stderr and "bad.gin" in result.stderr and "line" in result.stderr
+    number = Path(cfg).read_text().splitlines().index(line) + 1
+    assert expected in result.stderr and f"bad.gin:{number})" in result.stderr, result.describe()
+    assert len(result.stderr.strip().splitlines()) == 1, result.describe()  # one line, however long
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing was trained or written

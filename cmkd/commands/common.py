@@ -37,7 +37,9 @@ def fail(message: str, code: int = 2) -> None:
         with open(os.path.join(os.environ[RANK_ERRORS], f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
             fh.write(Text.from_markup(message).plain)
         raise typer.Exit(code)
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line, however long: a log or `grep error:` gets all of it (the terminal wraps it for people).
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
