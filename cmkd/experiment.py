@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 import gin
 from rich.markup import escape
 
-from cmkd import checkpoint, saved_config, storage
+from cmkd import checkpoint, config, saved_config, storage
 from cmkd.config import ConfigError, changed_bindings, parsed_from
 from cmkd.console import console, out, table
 from cmkd.data.describe import REAL_DATA_HINT, is_builtin_synthetic
@@ -46,6 +46,24 @@ def finished_summary(directory: str) -> dict[str, Any] | None:
     return summary if summary.get("finished") else None
 
 
+def check_names(exp: Experiment) -> None:
+    """The experiment's and stages' names are folder names under the run folder; a stage is a gin
+    scope, so a name close to a scope the config binds but does not list is a typo, not a new stage."""
+    for what, name in [("experiment.name", exp.name), *(("experiment.stages", s) for s in exp.stages)]:
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\"):
+            raise ConfigError(f"{what}: {name!r} is not a folder name (it names a folder under the run folder); "
+                              f"use letters, digits, '-' and '_'")
+    if len(set(exp.stages)) != len(exp.stages):
+        raise ConfigError(f"experiment.stages = {list(exp.stages)} names a stage twice; give each stage its own name")
+    scoped = config.scopes()
+    for stage in exp.stages:
+        unlisted = [s for s in sorted(scoped) if s not in exp.stages]
+        if stage not in scoped and (close := difflib.get_close_matches(stage, unlisted, n=1)):
+            raise ConfigError(f"experiment.stages = {list(exp.stages)}: no binding is scoped to {stage!r} "
+                              f"({stage}/...), so it would train with none of a stage's own settings; did you mean "
+                              f"{close[0]!r}? Stages the config has settings for: {', '.join(sorted(scoped))}")
+
+
 def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv, resume: bool = False,
                    allow_config_change: bool = False, force_unlock: bool = False) -> dict[str, dict[str, Any]]:
     """Run (or reuse) every stage, then print the stages side by side.
@@ -72,8 +90,7 @@ def run_experiment(runs_root: str, config_text: str, env: distributed.DistEnv, r
     if not exp.stages:
         raise ValueError("experiment.stages is empty; list at least one stage, e.g. ['teacher', 'student']")
 
-    if len(set(exp.stages)) != len(exp.stages):
-        raise ConfigError(f"experiment.stages = {list(exp.stages)} names a stage twice; give each stage its own name")
+    check_names(exp)
     # Rank 0 decides for all: ranks that disagreed (a stale listing cache, a run folder not
     # shared between nodes) would enter different collectives and hang.
     finished = {stage: distributed.broadcast_object(

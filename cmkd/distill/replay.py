@@ -57,7 +57,7 @@ class ReplayKD(_Distill):
         expect["classes"] = list(classes) if classes is not None else None
         self.store.check(expect)
         self.cycle = bool(cycle)
-        # data.on_error = 'skip': a missing or unreadable shard's steps train on L_gt alone, counted per shard
+        # the dataset's on_error = 'skip': a missing or unreadable shard's steps train on L_gt alone, counted per shard
         self.skip = getattr(dataset, "on_error", "raise") == "skip"
         self.skipped: dict[str, int] = {}
         try:
@@ -65,7 +65,7 @@ class ReplayKD(_Distill):
         except ViewStoreError as err:
             if not (self.skip and "missing" in str(err)):
                 raise
-            warnings.warn(f"{err} (data.on_error = 'skip': their steps train without the KD term, counted)",
+            warnings.warn(f"{err} (the dataset's on_error = 'skip': their steps train without the KD term, counted)",
                           stacklevel=2)
         self._z: Tensor | None = None
         super().__init__("replay_kd", loss, multilabel, [], lam, tau, 1.0, 1.0, device)
@@ -82,7 +82,7 @@ class ReplayKD(_Distill):
                 raise
             name = f"e{epoch:04d}-r{rank:03d}.npz"
             if name not in self.skipped:
-                warnings.warn(f"{err}; data.on_error = 'skip': its steps train on L_gt alone", stacklevel=2)
+                warnings.warn(f"{err}; the dataset's on_error = 'skip': its steps train on L_gt alone", stacklevel=2)
             self.skipped[name] = self.skipped.get(name, 0) + 1
             self._z = None
             return

@@ -56,7 +56,8 @@ def check_model(stage: str, ds: Any) -> None:
         if "meta" not in str(err):
             raise
         return
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
+    # A backbone's own argument checks (asserts included) and gin's missing bindings: a setting to fix
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as err:
         msg = message_of(err)
         raise ConfigError(f"stage {stage!r}: its model cannot be built ({type(err).__name__}): {msg}. Fix that "
                           f"stage's classifier/backbone/pooler bindings; no stage has trained yet") from None

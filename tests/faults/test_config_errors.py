@@ -33,7 +33,7 @@ strategies.logit_kd.teacher = 'teacher'
 """
 
 
-def _cli(tmp_path: Path, text: str, *binds: str, name: str = "exp.gin"):
+def _cli(tmp_path: Path, text: str, *binds: str, name: str = "exp.gin", device: str = "cpu"):
     """`cmkd run` through the CLI's own code path (typer), in this process."""
     from typer.testing import CliRunner
 
@@ -42,7 +42,7 @@ def _cli(tmp_path: Path, text: str, *binds: str, name: str = "exp.gin"):
     path = write_gin(tmp_path / name, text)
     with gin.unlock_config():
         gin.clear_config()
-    args = ["run", path, "--run-dir", str(tmp_path / "runs"), "--device", "cpu"]
+    args = ["run", path, "--run-dir", str(tmp_path / "runs"), "--device", device]
     for b in binds:
         args += ["-b", b]
     try:
@@ -61,9 +61,20 @@ CASES = {
     # name: (gin text, binds, [regexes the message must match]) — {file}/{line:needle} are filled in.
     "syntax typo": (BASE + "train.epochs = = 3\n", (), [r"Unable to parse value\. \(exp\.gin, line {line:= = 3}\)"]),
     "unknown component": (BASE + "train.dataset = @datasets.synthetc\n", (),
-                          [r'In file "{file}", line {line:synthetc}', r"Did you mean: @datasets\.synthetic\?"]),
-    "unknown parameter": (BASE + "train.epoch = 3\n", (), [r'In file "{file}", line {line:epoch = 3}',
+                          [r"\({file}:{line:synthetc}\)\. Did you mean: @datasets\.synthetic\?"]),
+    "unknown parameter": (BASE + "train.epoch = 3\n", (), [r"named 'epoch' \({file}:{line:epoch = 3}\)\. "
                                                             r"Did you mean 'epochs'\?"]),
+    "unknown parameter bound": (BASE, ("train.epoch = 3",), [r"in --bind 'train\.epoch = 3': Configurable 'train' "
+                                                              r"doesn't have a parameter named 'epoch'\. Did you mean "
+                                                              r"'epochs'\?$"]),
+    "not a literal": (BASE, ("train.epochs = three",), [r"Failed to parse token 'three' \(line 1\)\. Values are "
+                                                         r"Python literals"]),
+    "misspelt stage": (BASE + KD + "teacher/train.epochs = 1\n", ("experiment.stages = ['teachr', 'student']",),
+                       [r"no binding is scoped to 'teachr' \(teachr/\.\.\.\).* did you mean 'teacher'\?"]),
+    "name outside the run folder": (BASE, ("experiment.name = '../../escape'",),
+                                    [r"experiment\.name: '\.\./\.\./escape' is not a folder name"]),
+    "a model's own assert": (BASE + "backbones.ast.num_heads = 5\n", (),
+                             [r"stage 'main': its model cannot be built \(AssertionError\): .*divisible"]),
     "unclosed bracket": (BASE + "experiment.stages = ['main'\n", (), [r"{file} .*open bracket or string"]),
     "string for an int": (BASE, ("train.epochs = 'three'",),
                           [r"train\.epochs = 'three' \(stage 'main'\) must be an integer >= 1; "
@@ -94,6 +105,8 @@ def test_bad_config_fails_at_the_door(tmp_path, inprocess, case):
     output = flat(result.output)
     assert result.exit_code == 2, f"{case}: exit {result.exit_code}: {output} {result.exception!r}"
     assert "Traceback" not in result.output and output.startswith("error:"), output
+    output = result.output.strip()
+    assert "\n" not in output, f"{case}: the error is one line, however long: {result.output}"
     for pattern in patterns:
         pattern = pattern.replace("{file}", re.escape(path))
         pattern = re.sub(r"\{line:([^}]*)\}", lambda m: str(_line(path, m.group(1))), pattern)
@@ -113,3 +126,10 @@ def test_a_teacher_checkpoint_with_other_classes_is_refused_at_the_door(tmp_path
     assert f"teacher {teacher} was trained on classes ['cat', 'dog', 'cow']" in output
     assert "distil on the dataset the teacher was trained on" in output
 
+
+
+def test_a_device_torch_does_not_know_is_refused_at_the_door(tmp_path, inprocess):
+    result, _ = _cli(tmp_path, BASE, device="banana")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == "error: --device 'banana' is not a device; use auto, cpu, cuda or cuda:N"
+    assert not (tmp_path / "runs").exists()
