@@ -20,6 +20,7 @@ from cmkd.commands.common import (
     fail_verbatim,
     message,
     rank_error,
+    usage_error,
 )
 
 # Command bodies import what they use late, on purpose: `cmkd --help` and each command start
@@ -32,12 +33,33 @@ app = typer.Typer(
     help="Audio classifiers with CNN/Transformer cross-model knowledge distillation (CMKD).",
 )
 
+def _one_line_usage_errors() -> None:
+    from typer import rich_utils
+
+    rich_utils.rich_format_error = usage_error  # typer calls it for every usage error it prints
+
+
+_one_line_usage_errors()
+
+
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error (also: CMKD_DEBUG=1)"),
 ) -> None:
     if debug:
         os.environ["CMKD_DEBUG"] = "1"  # read where errors become one line; ranks launched later inherit it
+    if not debugging():  # a warning is a line for the user, not Python's file:line and source excerpt
+        import warnings
+
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    from rich.markup import escape
+
+    from cmkd.console import console
+
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -48,11 +70,13 @@ def run(
     bind: List[str] = typer.Option([], "-b", "--bind", help="gin binding overriding the files, e.g. 'train.epochs=3'"),
     run_dir: str = typer.Option("runs", help="where runs/<experiment>/<stage>/ go (a path or fsspec URL)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="processes (GPUs) on this machine; >1 launches DDP"),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1,
+                                       help="processes (GPUs) on this machine; >1 launches DDP"),
     resume: bool = typer.Option(
         False, "--resume", help="continue stages that stopped part-way from their last checkpoint"),
     max_restarts: int = typer.Option(
-        0, "--max-restarts", help="restart all processes this often after a failure (torch elastic); restarts resume"),
+        0, "--max-restarts", min=0,
+        help="restart all processes this often after a failure (torch elastic); restarts resume"),
     allow_config_change: bool = typer.Option(
         False, "--allow-config-change",
         help="with --resume: go on with settings that differ from last.pt's (recorded in the checkpoint and summary)"),

@@ -57,3 +57,16 @@ def test_eval_old_spellings_print_the_deprecation_note(tmp_path) -> None:
 def test_eval_format_csv_and_unknown_format(tmp_path) -> None:
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "none.pt"), str(tmp_path), "--format", "xml"])
     assert res.exit_code == 2 and "--format 'xml': use one of table, json, csv" in res.output
+
+
+def test_a_wrong_flag_or_value_is_one_error_line_with_where_to_look() -> None:
+    for args, said in [(["run", "cnn.gin", "--bogus"], "No such option: --bogus"),
+                       (["run", "cnn.gin", "--nproc-per-node", "0"],
+                        "Invalid value for '--nproc-per-node': Input should be greater than or equal to 1"),
+                       (["run", "cnn.gin", "--max-restarts", "-1"], "Invalid value for '--max-restarts'"),
+                       (["predict"], "Missing argument 'checkpoint'")]:
+        result = CliRunner().invoke(app, args, prog_name="cmkd")
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and line.startswith(f"error: {said}"), line
+        assert line.endswith(f"; see `cmkd {args[0]} --help`"), line

@@ -99,6 +99,8 @@ def test_cmkd_nproc_per_node_kd_with_fewer_shards_than_readers(tmp_path):
                    env=env, cwd=tmp_path, timeout=RUN_TIMEOUT).check()
 
     assert "1 shard(s) for 4 reader slots (2 rank(s) x 2 worker(s))" in res.stderr
+    warned = [line for line in res.stderr.splitlines() if "reader slots" in line]  # a line for the user:
+    assert all(line.startswith("warning: ") for line in warned) and "UserWarning" not in res.stderr  # no file:line
     assert "repeat a key" not in res.stderr  # no eval clip was scored by two ranks
     for stage in ("teacher", "student"):
         (record,) = read_jsonl(runs / "kd" / stage / "metrics.jsonl")

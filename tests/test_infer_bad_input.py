@@ -28,7 +28,7 @@ def flat(text: str) -> str:
     "eval-empty-folder", "eval-no-dataset-json", "embed-not-a-checkpoint", "embed-empty-folder",
     "export-not-a-checkpoint", "report-not-a-run-folder", "report-a-checkpoint-file", "report-a-text-file",
     "predict-output-under-a-file", "predict-output-a-folder", "embed-output-a-file", "predict-not-a-device",
-    "predict-code-in-a-checkpoint",
+    "predict-code-in-a-checkpoint", "predict-output-of-an-unknown-format",
 ])
 def test_bad_input_says_what_and_where(case, tiny, audio_dir, tmp_path):
     """Every command: exit code 2, one `error:` line naming the path and the problem, nothing written."""
@@ -64,6 +64,8 @@ def test_bad_input_says_what_and_where(case, tiny, audio_dir, tmp_path):
                                  "is not a device; use auto, cpu, cuda or cuda:N"),
         "predict-code-in-a-checkpoint": (("predict", tmp_path / "evil.pt", wav), tmp_path / "evil.pt",
                                          "never unpickles: a checkpoint is data, never code"),
+        "predict-output-of-an-unknown-format": (("predict", ckpt, wav, "-o", out / "top.xlsx"), out / "top.xlsx",
+                                                ".xlsx is not a format cmkd writes"),
     }[case]
     res = cli(*args, "--device", "cpu") if args[0] in ("eval", "embed", "report") else cli(*args)
     msg = flat(res.output)

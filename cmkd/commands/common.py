@@ -89,3 +89,12 @@ def prefer(new: T, old: T | None, old_flag: str, default: T | None = None) -> T:
     if default is not None and new != default:  # both given: the new spelling wins
         return new
     return old
+
+
+def usage_error(err: Any) -> None:
+    """A wrong flag or argument (click's UsageError/BadParameter): one `error:` line like every other,
+    with where to look, instead of typer's framed panel. Exit code 2 is click's."""
+    ctx = getattr(err, "ctx", None)
+    hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    text = err.format_message().rstrip(".")
+    console.print(f"[bold red]error:[/] {escape(text)}{escape(hint)}", highlight=False, soft_wrap=True)

@@ -6,6 +6,7 @@ per-file problems go to stderr. Bad input exits with code 2 and a message saying
 
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional
 
 import typer
@@ -19,6 +20,7 @@ from cmkd.commands.common import fail_verbatim as fail  # paths and shapes may h
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 FORMAT_HELP = "table, json or csv (default: from --output's suffix, else table)"
 FORMATS = ("table", "json", "csv")
+TEXT_SUFFIXES = (".txt", ".md", ".log")  # a table written as plain text
 WORKERS_HELP = "data-loading processes (0: in this process)"
 CLIP_HELP = ("run the model on clips of this many seconds "
              "(an AST's positional embedding is resized; CNNs take any length)")
@@ -64,7 +66,11 @@ def _emit(text: Any, output: Optional[str]) -> None:
 
 def _format(fmt: Optional[str], output: Optional[str]) -> str:
     """--format, else the output file's suffix (.json, .csv), else a table; anything else is an error."""
-    fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "table")
+    suffix = os.path.splitext(output or "")[1].lower()
+    if fmt is None and suffix not in ("", ".json", ".csv", *TEXT_SUFFIXES):  # out.xlsx would hold a text table
+        fail(f"--output {output}: {suffix} is not a format cmkd writes; name the file .json, .csv or .txt, "
+             f"or pass --format")
+    fmt = fmt or {".json": "json", ".csv": "csv"}.get(suffix, "table")
     if fmt not in FORMATS:
         fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     return fmt

@@ -29,7 +29,8 @@ def open_model(path: str, device: torch.device, clip_seconds: float | None = Non
     except checkpoint.CheckpointError:
         raise
     except (ValueError, TypeError, KeyError) as err:  # e.g. a clip too short for one AST patch
-        raise InferError(f"{url}: cannot build the model ({type(err).__name__}: {err})") from None
+        raise InferError(f"{url}: cannot build the model ({type(err).__name__}: {err}); pass a checkpoint written by "
+                         f"`cmkd run` or `cmkd import`, or check --clip-seconds") from None
 
 
 def clip_seconds(model: LoadedModel) -> float:
