@@ -29,8 +29,11 @@ def fail(message: str, code: int = 2) -> None:
     """cmkd's error exit: ``message`` (rich markup) on stderr's console, then exit ``code``.
     Called while handling an exception under ``--debug``: that exception's traceback instead."""
     handled = sys.exc_info()[1]
-    if handled is not None and debugging():
-        raise handled
+    if handled is not None and debugging():  # the traceback for a bug report; the exit code stays the error's
+        import traceback
+
+        traceback.print_exception(handled)
+        raise typer.Exit(code)
     if RANK_ERRORS in os.environ:  # a rank under `cmkd run --nproc-per-node`: the launcher says it, once
         from rich.text import Text
 
