@@ -73,6 +73,8 @@ CASES = {
                        [r"no binding is scoped to 'teachr' \(teachr/\.\.\.\).* did you mean 'teacher'\?"]),
     "name outside the run folder": (BASE, ("experiment.name = '../../escape'",),
                                     [r"experiment\.name: '\.\./\.\./escape' is not a folder name"]),
+    "no synthetic clips": (BASE, ("datasets.synthetic.train_samples = 0",),
+                           [r"^error: datasets\.synthetic\.train_samples = 0: must be an integer >= 1$"]),
     "a model's own assert": (BASE + "backbones.ast.num_heads = 5\n", (),
                              [r"stage 'main': its model cannot be built \(AssertionError\): .*divisible"]),
     "unclosed bracket": (BASE + "experiment.stages = ['main'\n", (), [r"{file} .*open bracket or string"]),

@@ -19,6 +19,7 @@ from rich.progress import Progress
 from cmkd.data.manifest import Manifest
 from cmkd.data.synthetic import sounds
 from cmkd.data.writer import DatasetWriter
+from cmkd.errors import ConfigError
 from cmkd.registry import datasets
 
 GENERATOR_VERSION = 1  # bump when sounds.py changes what a seed produces
@@ -49,6 +50,13 @@ def synthetic_dataset(
     """
     from cmkd.data.stream import webdataset  # late: stream imports the registry users
 
+    for name, value, least in [("num_classes", num_classes, 1), ("train_samples", train_samples, 1),
+                               ("eval_samples", eval_samples, 1), ("shard_size", shard_size, 1)]:
+        if not isinstance(value, int) or value < least:
+            raise ConfigError(f"datasets.synthetic.{name} = {value!r}: must be an integer >= {least}")
+    if num_classes > len(sounds.CLASSES):
+        raise ConfigError(f"datasets.synthetic.num_classes = {num_classes}: the built-in set has "
+                          f"{len(sounds.CLASSES)} sound classes; use at most that many")
     settings = dict(num_classes=num_classes, multilabel=multilabel, train=train_samples, eval=eval_samples,
                     clip_seconds=clip_seconds, sample_rate=sample_rate, seed=seed, shard_size=shard_size,
                     version=GENERATOR_VERSION)
