@@ -33,6 +33,7 @@ app = typer.Typer(
     help="Audio classifiers with CNN/Transformer cross-model knowledge distillation (CMKD).",
 )
 
+
 def _one_line_usage_errors() -> None:
     from typer import rich_utils
 
