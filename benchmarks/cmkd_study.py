@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import ledger, runs  # noqa: E402
-from study.setup import FSDD_PAIRS, REPO, fsdd_root, prepare_esc10, prepare_fsdd  # noqa: E402
+from study.setup import DATASETS, FSDD_PAIRS, REPO, fsdd_root, prepare_esc10, prepare_fsdd  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -39,7 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--folds", default="1,2,3,4,5", help="ESC-10 folds held out in turn")
     p.add_argument("--pairs", default="0,1,2", help="FSDD speaker pairs held out in turn (indices into "
                                                      f"{['-'.join(x) for x in FSDD_PAIRS]})")
-    p.add_argument("--datasets", default="esc10,fsdd")
+    p.add_argument("--datasets", default=",".join(DATASETS),
+                   help="what this invocation trains; the report covers every dataset with runs")
     p.add_argument("--tau-seeds", type=int, default=1,
                    help="how many of a dataset's seeds (the first) the τ = 2.5 pass runs on, once they settle")
     p.add_argument("--no-tau", dest="tau_seeds", action="store_const", const=0, help="skip the τ = 2.5 pass")
@@ -73,6 +74,10 @@ def parse() -> argparse.Namespace:
     return args
 
 
+def started(work: Path, ds: str) -> bool:
+    return any((work / "runs").glob(f"{ds}-*"))
+
+
 def prepare(args: argparse.Namespace, logs: Path) -> None:
     if "esc10" in args.datasets:
         prepare_esc10(args.data / "esc10", args.work / "data" / "esc10", logs / "prepare.log")
@@ -88,7 +93,7 @@ def plan(args: argparse.Namespace, gins: dict[str, Path]) -> tuple[list, dict, l
 
     probe = results.probe_plan(args.work, gins)
     budgets = results.budgets(probe, args.budget)
-    known = {ds: e for ds, e in budgets.items() if e is not None}
+    known = {ds: e for ds, e in budgets.items() if e is not None and ds in gins}
     grid = results.grid_plan(args.work, {ds: gins[ds] for ds in known}, known, args.seeds, args.folds, args.pairs,
                              args.tau_seeds)
     return probe, budgets, grid
@@ -118,7 +123,11 @@ def main() -> None:
             while len(more := plan(args, gins)[pick]) > len(to_run):
                 to_run = more
                 runs.run_groups(to_run, args.jobs, logs)
-        probe, budgets, grid = plan(args, gins)
+    # --datasets picks what this invocation trains; the report covers every dataset of the study that
+    # has runs, so one dataset's driver finishing never writes the other's tables away.
+    args.datasets = [ds for ds in DATASETS if ds in args.datasets or started(args.work, ds)]
+    gins = runs.write_gins(args.work, args.datasets)
+    probe, budgets, grid = plan(args, gins)
     md = args.out or (args.work / "results.md" if args.quick else REPO / "benchmarks" / "results.md")
     report.write(args, gins, probe, grid, md)
     print(f"wrote {md} and {md.with_suffix('.png')}")

@@ -209,6 +209,31 @@ def test_the_grid_takes_seeds_until_every_kd_difference_is_precise_then_runs_the
     assert {(g.seed, len(g.stages)) for g in grid} == {(0, len(CORE)), (0, len(ALL))}
 
 
+def test_a_driver_for_one_dataset_reports_every_dataset_with_runs(study, tmp_path, monkeypatch):
+    """Two drivers, `--datasets fsdd` then `--datasets esc10`, each writing results.md when done: the
+    second's report keeps FSDD's table (it once wrote only its own dataset's)."""
+    import cmkd_study
+    from study import runs
+
+    monkeypatch.setattr(cmkd_study, "prepare", lambda *a: None)
+
+    def fake_run_groups(groups, jobs, logs):
+        for g in groups:
+            for s in g.stages:
+                if g.summary(s) is None:
+                    _finish(g, 0.5, s)
+
+    monkeypatch.setattr(runs, "run_groups", fake_run_groups)
+    md = tmp_path / "results.md"
+    for ds in ["fsdd", "esc10"]:
+        monkeypatch.setattr(sys, "argv", ["cmkd_study.py", "--work", str(tmp_path / "work"), "--datasets", ds,
+                                          "--budget", "esc10=10", "--budget", "fsdd=10", "--no-tau", "--seeds", "0",
+                                          "--out", str(md)])
+        cmkd_study.main()
+        assert ("## ESC-10: 10 epochs" in md.read_text()) == (ds == "esc10")  # never started: no section
+    assert "## FSDD: 10 epochs" in md.read_text()
+
+
 def test_the_figures_gap_curve_ends_at_the_tables_paired_difference(study):
     """results.png's right panel: per paired run, KD − the same model alone as the moving mean of k; its
     last point is the paired last-k difference that the table and the verdict report."""

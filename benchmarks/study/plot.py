@@ -10,7 +10,7 @@ from pathlib import Path
 from study import stats
 from study.results import Cell, curve
 from study.runs import Group
-from study.setup import BASELINE, CELLS
+from study.setup import BASELINE, CELLS, DATASETS
 
 NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 PANELS = [("AST students", ["ast", "cnn_to_ast", "cnn_to_ast_tau"]),
@@ -36,7 +36,7 @@ def draw(probe: list[Group], results: dict[str, dict[str, Cell]], path: Path, bu
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [ds for ds in ("esc10", "fsdd") if ds in budgets]
+    names = [ds for ds in DATASETS if ds in budgets]
     fig, axes = plt.subplots(len(names), 4, figsize=(22, 4.6 * len(names)), squeeze=False)
     for row, ds in zip(axes, names):
         probe_panel(row[0], [g for g in probe if g.dataset == ds], ds, budgets.get(ds), plt.get_cmap("viridis"))

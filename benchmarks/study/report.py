@@ -25,7 +25,7 @@ from study.results import (
     vs_baseline,
 )
 from study.runs import Group, fmt_time
-from study.setup import ALL, CELLS, CORE, MODEL, REPO, SIZES, TAU_HIGH
+from study.setup import ALL, CELLS, CORE, DATASETS, MODEL, REPO, SIZES, TAU_HIGH
 
 NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 TAU_STAGES = [s for s in ALL if s not in CORE]
@@ -132,7 +132,7 @@ def verdict(results: dict[str, dict[str, Cell]]) -> list[str]:
          "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
          "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
          "With a partial grid these are provisional.", ""]
-    names = [ds for ds in ("esc10", "fsdd") if ds in results]
+    names = [ds for ds in DATASETS if ds in results]
     for title, _ in findings({}):
         L.append(f"- **{title}.**")
         lines = [f"  - {NAMES[ds]}: {d.what}: {d.text()} — {d.resolved()}."
@@ -198,7 +198,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           "- **Score of a run:** the mean eval accuracy over its last k epochs (k = 10 % of the budget); no epoch "
           "is picked on the eval split. Paired differences compare runs of the same split and seed; their "
           "standard error treats the (split, seed) runs as independent.", ""]
-    for ds in ("esc10", "fsdd"):
+    for ds in DATASETS:
         if ds not in results:
             continue
         k = stats.last_k(chosen[ds])
