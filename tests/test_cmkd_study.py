@@ -250,6 +250,21 @@ def test_the_figures_gap_curve_ends_at_the_tables_paired_difference(study):
     assert mean[-1] / 100 == pytest.approx(stats.mean_se(results.vs_baseline(cells, "cnn_to_ast").diffs)[0])
 
 
+def test_in_short_states_where_each_gap_ended_and_where_it_peaked(study):
+    """Two paired runs of 6 epochs (k = 3): the KD gap opens to +30 pp mid-run and closes to +10 and
+    +20 pp over the last 3 epochs; the summary says +15 pp, unresolved at n = 2, peak +30 at epoch 4."""
+    stats, results, report = study
+    base = {("fold1", 0): [0.5] * 6, ("fold2", 0): [0.5] * 6}
+    kd = {("fold1", 0): [0.5, 0.8, 0.8, 0.8, 0.5, 0.5], ("fold2", 0): [0.5, 0.8, 0.8, 0.8, 0.5, 0.8]}
+    cells = {"ast": results.Cell("ast", {k: stats.last_k_mean(c, 3) for k, c in base.items()}, base),
+             "cnn_to_ast": results.Cell("cnn_to_ast", {k: stats.last_k_mean(c, 3) for k, c in kd.items()}, kd)}
+    lines = report.in_short({"esc10": cells}, {"esc10": 6})
+    assert lines[2] == ("- ESC-10: CNN→AST +15.0 ± 5.0 pp, no resolved difference "
+                        "(its gap peaked at +30.0 pp at epoch 4 of 6).")
+    assert results.Diff("x", [0.10, 0.11, 0.12]).direction() == "a gain"
+    assert results.Diff("x", [-0.10, -0.11, -0.12]).direction() == "a loss"
+
+
 def test_time_left_counts_the_planned_runs_and_prices_what_the_rules_may_add(study, tmp_path):
     """One of two splits finished at 1 s per epoch: 5 stages × 10 epochs left; a seed the rule may add
     costs 2 splits × 5 stages × 10 epochs, the τ pass 2 splits × 2 τ stages × 10 epochs."""

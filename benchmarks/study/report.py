@@ -126,9 +126,31 @@ def cell_table(cells: dict[str, Cell], k: int) -> list[str]:
     return L
 
 
-def verdict(results: dict[str, dict[str, Cell]]) -> list[str]:
+def in_short(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> list[str]:
+    """Per dataset, what KD at τ = 1 did to each student against the same model alone: where it ended
+    (the table's difference, resolved or not) and where its mean gap peaked during training."""
+    L = ["**In short** (each KD student at τ = 1 − the same model alone; the peak is that of the mean gap curve "
+         "in the figure, within one run's cosine schedule, so not what a shorter budget would give):", ""]
+    for ds in [d for d in DATASETS if d in results]:
+        parts = []
+        for stage in [s for s in CORE if CELLS[s][2] and s in results[ds]]:
+            d = vs_baseline(results[ds], stage)
+            gaps = plot.gap_curves(results[ds], stage, stats.last_k(chosen[ds]))
+            if not d.n or not gaps:
+                continue
+            epochs, mean, _ = plot.band(gaps)  # the figure's gap panel (percent)
+            top = max(range(len(mean)), key=mean.__getitem__)
+            m, se = stats.mean_se(d.diffs)
+            parts.append(f"{CELLS[stage][0]} {100 * m:+.1f} ± {100 * se:.1f} pp, {d.direction()} "
+                         f"(its gap peaked at {mean[top]:+.1f} pp at epoch {epochs[top]} of {len(mean)})")
+        if parts:
+            L.append(f"- {NAMES[ds]}: " + "; ".join(parts) + ".")
+    return L + [""]
+
+
+def verdict(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> list[str]:
     """Finding by finding, the paired differences as measured and whether they are resolved (95 % CI)."""
-    L = ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
+    L = in_short(results, chosen) + ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
          "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
          "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
          "With a partial grid these are provisional.", ""]
@@ -214,7 +236,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           "of the last k epochs, mean ± SE over the paired runs. Its last point is the table's paired "
           "difference; the curve shows when the gap opens or closes.", "",
           "## Do the paper's findings hold at this scale?", ""]
-    L += verdict(results) if results else ["No grid run has finished yet.", ""]
+    L += verdict(results, chosen) if results else ["No grid run has finished yet.", ""]
     L += ["## Reproduce", "", "```", "python benchmarks/cmkd_study.py --probe", "python benchmarks/cmkd_study.py",
           "```", "", "Commands the script runs (one per dataset, split, seed and pass), for example:", "", "```"]
     shown = set()
@@ -328,10 +350,9 @@ def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[st
              "each dataset for an epoch budget measured on the AST's own curves; a run is scored by its mean eval "
              "accuracy over the last 10 % of epochs. Paired differences against the same model trained alone, "
              f"with their standard errors, the curves and the commands: [{md.name}]({rel}).", ""]
-    if not complete:
-        lines += ["**The grid is not finished;** the numbers below are from the runs finished so far. (The earlier "
-                  "study, 20 epochs on ESC-10 and 12 on FSDD, stopped while the AST was still underfitting; its "
-                  "tables are in the git history of results.md.)", ""]
+    lines += [("**The grid is not finished;** the numbers below are from the runs finished so far. " if not complete
+               else "") + "(The earlier study, 20 epochs on ESC-10 and 12 on FSDD, stopped while the AST was still "
+              "underfitting; its tables are in the git history of results.md.)", ""]
     lines += ["| data | epochs | cell | runs | accuracy % | − same model alone (pp ± SE) |",
               "|---|---|---|---|---|---|"]
     for ds, cells in results.items():
@@ -341,5 +362,5 @@ def update_docs(docs: Path, results: dict[str, dict[str, Cell]], chosen: dict[st
             lines.append(f"| {NAMES[ds]} | {chosen[ds]} | {CELLS[stage][0]} | {len(c.scores)} | {pct(m)} | {d} |")
     if not results:
         lines.append("| – | – | no grid run finished yet | – | – | – |")
-    lines.append("")
+    lines += [""] + (in_short(results, chosen) if results else [])
     docs.write_text(text[:start] + "\n".join(lines) + ("\n" + text[end:] if end < len(text) else ""))
