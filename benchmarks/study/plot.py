@@ -86,7 +86,7 @@ def gap_panel(ax, cells: dict[str, Cell], budget: int | None, name: str) -> None
             _line(ax, x, m, se, s, f"{CELLS[s][0]} ({len(gaps)} paired run{'s' if len(gaps) != 1 else ''})")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_title(f"{name}: KD − same model alone, paired (pp, moving mean of {k})", fontsize=10)
-    _finish(ax, "no paired runs finished yet")
+    _finish(ax, "no paired runs finished yet", loc="best")
 
 
 def gap_curves(cells: dict[str, Cell], stage: str, k: int) -> list[list[float]]:
@@ -104,10 +104,10 @@ def _line(ax, x: list[int], m: list[float], se: list[float], stage: str, label: 
     ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], color=color, alpha=0.15)
 
 
-def _finish(ax, empty: str) -> None:
+def _finish(ax, empty: str, loc: str = "lower right") -> None:
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc=loc)
     else:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
