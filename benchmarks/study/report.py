@@ -150,10 +150,11 @@ def in_short(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> lis
 
 def verdict(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> list[str]:
     """Finding by finding, the paired differences as measured and whether they are resolved (95 % CI)."""
-    L = in_short(results, chosen) + ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
-         "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
-         "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
-         "With a partial grid these are provisional.", ""]
+    L = in_short(results, chosen)
+    L += ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
+          "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
+          "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
+          "With a partial grid these are provisional.", ""]
     names = [ds for ds in DATASETS if ds in results]
     for title, _ in findings({}):
         L.append(f"- **{title}.**")
