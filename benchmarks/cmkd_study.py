@@ -41,8 +41,9 @@ def parse() -> argparse.Namespace:
                                                      f"{['-'.join(x) for x in FSDD_PAIRS]})")
     p.add_argument("--datasets", default=",".join(DATASETS),
                    help="what this invocation trains; the report covers every dataset with runs")
-    p.add_argument("--tau-seeds", type=int, default=1,
-                   help="how many of a dataset's seeds (the first) the τ = 2.5 pass runs on, once they settle")
+    p.add_argument("--tau-seeds", type=int, default=None,
+                   help="how many of a dataset's seeds (the first) the τ = 2.5 pass runs on, once they settle "
+                        "(default: all, so the τ cells pair with the same runs as the others)")
     p.add_argument("--no-tau", dest="tau_seeds", action="store_const", const=0, help="skip the τ = 2.5 pass")
     p.add_argument("--budget", action="append", default=[], metavar="DATASET=EPOCHS",
                    help="override the probe's budget (e.g. --budget esc10=100)")

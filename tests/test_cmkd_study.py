@@ -174,7 +174,7 @@ def test_the_grid_takes_seeds_until_every_kd_difference_is_precise_then_runs_the
                                                                                          monkeypatch):
     """`cmkd_study.py` (the grid) with training replaced by writing finished runs: seed 0's paired
     differences (+10, 0, +5 pp) have an SE of 2.9 pp, above the 2 pp target, so seed 1 runs; with it
-    the SE is 1.3 pp, so the seeds settle and the τ pass runs on seed 0's runs, and nothing more."""
+    the SE is 1.3 pp, so the seeds settle and the τ pass runs on the runs of both seeds, and nothing more."""
     import cmkd_study
     from study import runs
     from study.setup import ALL, CELLS, CORE
@@ -197,11 +197,11 @@ def test_the_grid_takes_seeds_until_every_kd_difference_is_precise_then_runs_the
     folds = ["fold1", "fold2", "fold3"]
     assert batches == [sorted((f, 0, s) for f in folds for s in CORE),
                        sorted((f, 1, s) for f in folds for s in CORE),
-                       sorted((f, 0, s) for f in folds for s in ALL if s not in CORE)]  # no seed 2
+                       sorted((f, seed, s) for f in folds for seed in (0, 1) for s in ALL if s not in CORE)]  # no 2
     _, results, _ = study
     cells = results.collect(cmkd_study.plan(cmkd_study.parse(), runs.write_gins(tmp_path / "work", ["esc10"]))[2])
     assert results.imprecise(cells["esc10"]) == []
-    assert len(cells["esc10"]["cnn_to_ast"].scores) == 6 and len(cells["esc10"]["cnn_to_ast_tau"].scores) == 3
+    assert len(cells["esc10"]["cnn_to_ast"].scores) == 6 and len(cells["esc10"]["cnn_to_ast_tau"].scores) == 6
     # One seed fewer to draw from: seed 0 alone is imprecise, but the seeds are used up, so the τ pass runs.
     grid = results.grid_plan(tmp_path / "work", runs.write_gins(tmp_path / "work", ["esc10"]), {"esc10": 10}, [0],
                              [1, 2, 3], [], 1)

@@ -216,8 +216,9 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           f"- **Seeds, by rule:** each dataset's grid starts on seed {args.seeds[0]} over all its splits and takes "
           f"the next seed (of {args.seeds}) while the paired difference of a KD cell from the same model alone has "
           f"a standard error above {100 * stats.TARGET_SE:.0f} pp or fewer than {stats.MIN_RUNS} runs. Once its "
-          f"seeds settle, the τ = {TAU_HIGH} pass adds the τ stages to the runs of its first {args.tau_seeds} "
-          "seed(s)" + (" (not run: --no-tau)." if not args.tau_seeds else "."),
+          f"seeds settle, the τ = {TAU_HIGH} pass adds the τ stages to the runs of "
+          + ("all its seeds." if args.tau_seeds is None else f"its first {args.tau_seeds} seed(s)"
+             + (" (not run: --no-tau)." if not args.tau_seeds else ".")),
           "- **Score of a run:** the mean eval accuracy over its last k epochs (k = 10 % of the budget); no epoch "
           "is picked on the eval split. Paired differences compare runs of the same split and seed; their "
           "standard error treats the (split, seed) runs as independent.", ""]
@@ -286,7 +287,7 @@ def wall_text(work: Path) -> str:
     return "; ".join(parts) or "no invocation has run yet"
 
 
-def remaining(probe: list[Group], grid: list[Group], jobs: int, tau_seeds: int) -> str:
+def remaining(probe: list[Group], grid: list[Group], jobs: int, tau_seeds: int | None) -> str:
     """The work left, in epochs and CPU time: each stage at the seconds per epoch measured for that
     dataset and stage (a KD stage costs more than its student alone; a τ stage as its τ = 1 stage),
     or for the dataset until then. Plus what the grid may still add: another seed, the τ pass."""
@@ -327,9 +328,10 @@ def remaining(probe: list[Group], grid: list[Group], jobs: int, tau_seeds: int) 
         core = [g for g in grid if g.dataset == ds and g.stages == CORE]
         if per_epoch.get((ds,)) and any(g.summary(s) is None for g in core for s in CORE):  # seeds not settled
             seed = len({g.split for g in core}) * sum(cost(ds, s, core[0].epochs) for s in CORE)
-            tau = len({g.split for g in core}) * tau_seeds * sum(cost(ds, s, core[0].epochs) for s in TAU_STAGES)
+            n_tau = len({g.seed for g in core}) if tau_seeds is None else tau_seeds  # None: all (at least these)
+            tau = len({g.split for g in core}) * n_tau * sum(cost(ds, s, core[0].epochs) for s in TAU_STAGES)
             more.append(f"{NAMES[ds]}: ≈ {fmt_time(seed)} for each seed the rule adds" +
-                        (f", ≈ {fmt_time(tau)} for the τ pass once its seeds settle" if tau_seeds else ""))
+                        (f", ≈ {fmt_time(tau)} for the τ pass once its seeds settle" if n_tau else ""))
     return (f"**Left to train:** {'; '.join(parts)}{grid_note} ≈ {fmt_time(cpu)} of process time, about "
             f"{fmt_time(cpu / max(1, jobs))} wall with {jobs} at a time (at this load)." +
             (f" Not planned yet: {'; '.join(more)}." if more else ""))

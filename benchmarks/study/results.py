@@ -109,11 +109,11 @@ def imprecise(cells: dict[str, Cell]) -> list[str]:
 
 
 def grid_plan(work: Path, gins: dict[str, Path], budgets: dict[str, int], seeds: list[int], folds: list[int],
-              pairs: list[int], tau_seeds: int) -> list[Group]:
+              pairs: list[int], tau_seeds: int | None) -> list[Group]:
     """The grid at the settled budgets, as large as the precision asks and no larger. Each dataset's
     core cells start on the first of `seeds` (every split) and take the next one while all its core
     runs have finished and some KD cell is imprecise. Once a dataset's seeds have settled, the τ pass
-    adds the τ stages to the runs of its first `tau_seeds` seeds (their teachers are reused). Like
+    adds the τ stages to the runs of its first `tau_seeds` seeds (None: all; their teachers are reused). Like
     probe_plan, a function of the finished runs: every invocation plans the same grid."""
     chosen = {ds: seeds[:1] for ds in gins}
     settled: list[str] = []
