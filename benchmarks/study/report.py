@@ -148,13 +148,13 @@ def in_short(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> lis
     return L + [""]
 
 
-def verdict(results: dict[str, dict[str, Cell]], chosen: dict[str, Any]) -> list[str]:
+def verdict(results: dict[str, dict[str, Cell]], chosen: dict[str, Any], complete: bool) -> list[str]:
     """Finding by finding, the paired differences as measured and whether they are resolved (95 % CI)."""
     L = in_short(results, chosen)
     L += ["Generated from the table above: each line is a paired difference of last-k means (mean ± its "
           "standard error over the paired runs) and whether its 95 % confidence interval (Student's t with "
-          "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero. "
-          "With a partial grid these are provisional.", ""]
+          "n − 1 degrees of freedom: ±12.7 SE for 2 runs, ±4.3 for 3, ±2.3 for 10) excludes zero." +
+          ("" if complete else " With a partial grid these are provisional."), ""]
     names = [ds for ds in DATASETS if ds in results]
     for title, _ in findings({}):
         L.append(f"- **{title}.**")
@@ -238,7 +238,7 @@ def write(args: Any, gins: dict[str, Path], probe: list[Group], grid: list[Group
           "of the last k epochs, mean ± SE over the paired runs. Its last point is the table's paired "
           "difference; the curve shows when the gap opens or closes.", "",
           "## Do the paper's findings hold at this scale?", ""]
-    L += verdict(results, chosen) if results else ["No grid run has finished yet.", ""]
+    L += verdict(results, chosen, bool(complete)) if results else ["No grid run has finished yet.", ""]
     L += ["## Reproduce", "", "```", "python benchmarks/cmkd_study.py --probe", "python benchmarks/cmkd_study.py",
           "```", "", "Commands the script runs (one per dataset, split, seed and pass), for example:", "", "```"]
     shown = set()
