@@ -18,6 +18,8 @@ from cmkd.commands.common import (
     exit_code,
     fail,
     fail_verbatim,
+    first_failed,
+    mark_failed,
     message,
     rank_error,
     usage_error,
@@ -102,8 +104,15 @@ def run(
             # @record: under torchrun, the agent's failure report shows this rank's traceback.
             distributed.record(run_experiment)(run_dir, text, env, resume=resume,
                                                allow_config_change=allow_config_change, force_unlock=force_unlock)
-        finally:
-            distributed.shutdown()
+        except BaseException:
+            if env.distributed:  # no teardown: see main()
+                global _RANK_FAILED
+                _RANK_FAILED = True
+                mark_failed(env.rank)
+            else:
+                distributed.shutdown()
+            raise
+        distributed.shutdown()
     except USER_ERRORS as err:  # config values in the message hold brackets ([...], [@...]): verbatim
         fail_verbatim(message(err), exit_code(err))
     except MemoryError:
@@ -143,9 +152,11 @@ def _launch_local(nproc: int, max_restarts: int = 0) -> None:
             torchrun.main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                            "-m", "cmkd", *rest])
             return
-        except ChildFailedError as err:  # the agent has stopped the other ranks; say which one failed
-            rank, failure = err.get_first_failure()
-            name, code, said = err.name, failure.exitcode, rank_error(errors, rank)
+        except ChildFailedError as err:  # the agent has stopped the other ranks; say which one failed first
+            rank = first_failed(errors)
+            if rank not in err.failures:
+                rank = err.get_first_failure()[0]
+            name, code, said = err.name, err.failures[rank].exitcode, rank_error(errors, rank)
         finally:
             del os.environ[RANK_ERRORS]  # this process's own error line is printed, not left in a file
     if said is not None:
@@ -205,8 +216,27 @@ def _register_command_modules() -> None:
 _register_command_modules()
 
 
+_RANK_FAILED = False  # set by `run` when this rank of a multi-process job failed
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except BaseException as err:
+        if not _RANK_FAILED:
+            raise
+        # A failed rank leaves at once, its error out, without tearing down its process group: its peers
+        # may be mid-collective, and gloo closing under their traffic throws inside its I/O thread, which
+        # aborts this process (exit -6) and the launcher blames a crash, not the error. Staying quiet
+        # until the exit keeps the peers blocked until the launcher stops them; the kernel closes the sockets.
+        import traceback
+
+        code = err.code if isinstance(err, SystemExit) else 1
+        if not isinstance(err, SystemExit):
+            traceback.print_exception(err)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
 
 
 if __name__ == "__main__":

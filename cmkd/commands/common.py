@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -44,6 +46,21 @@ def fail(message: str, code: int = 2) -> None:
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def mark_failed(rank: int) -> None:
+    """Under `cmkd run --nproc-per-node`: when this rank failed, in ns, so the launcher blames the first
+    rank to fail and not a peer that failed because it left (elastic's own timestamps are whole seconds)."""
+    if RANK_ERRORS in os.environ:
+        with open(os.path.join(os.environ[RANK_ERRORS], f"failed-{rank}"), "w") as fh:
+            fh.write(str(time.time_ns()))
+
+
+def first_failed(folder: str) -> int | None:
+    """The rank that :func:`mark_failed` first (None: none did, e.g. one was killed)."""
+    when = {int(name.removeprefix("failed-")): int(Path(folder, name).read_text())
+            for name in os.listdir(folder) if name.startswith("failed-")}
+    return min(when, key=when.__getitem__) if when else None
 
 
 def rank_error(folder: str, rank: int) -> str | None:
