@@ -159,6 +159,18 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging_it(tmp_path):
     assert not (tmp_path / "runs/parity/main/summary.json").exists()
 
 
+def test_the_launcher_blames_the_rank_that_failed_first(tmp_path, monkeypatch):
+    """Elastic's failure timestamps are whole seconds, so a rank and the peer that failed because it
+    left tie; the ranks' own ns marks break it (none marked: elastic decides)."""
+    from cmkd.commands.common import RANK_ERRORS, first_failed, mark_failed
+
+    assert first_failed(str(tmp_path)) is None
+    monkeypatch.setenv(RANK_ERRORS, str(tmp_path))
+    mark_failed(1)
+    mark_failed(0)
+    assert first_failed(str(tmp_path)) == 1
+
+
 def test_gather_counts_a_repeated_key_once_and_says_so():
     """The gather step is the last guard of exact metrics: a key seen twice counts once, loudly."""
     from cmkd.train.distributed import DistEnv
