@@ -227,8 +227,8 @@ def main() -> None:
             raise
         # A failed rank leaves at once, its error out, without tearing down its process group: its peers
         # may be mid-collective, and gloo closing under their traffic throws inside its I/O thread, which
-        # aborts this process (exit -6) and the launcher blames a crash, not the error. Staying quiet
-        # until the exit keeps the peers blocked until the launcher stops them; the kernel closes the sockets.
+        # aborts this process (exit -6) and the launcher blames a crash, not the error. The kernel closes
+        # the sockets; a peer that fails on that is told apart by mark_failed.
         import traceback
 
         code = err.code if isinstance(err, SystemExit) else 1
