@@ -10,9 +10,8 @@ from pathlib import Path
 from study import stats
 from study.results import Cell, curve
 from study.runs import Group
-from study.setup import BASELINE, CELLS, DATASETS
+from study.setup import BASELINE, CELLS, DATASETS, NAMES
 
-NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 PANELS = [("AST students", ["ast", "cnn_to_ast", "cnn_to_ast_tau"]),
           ("CNN students", ["cnn", "ast_to_cnn", "cnn_to_cnn", "ast_to_cnn_tau"])]
 STYLE = {"ast": ("black", "-"), "cnn": ("black", "-"), "cnn_to_ast": ("#3b75af", "-"), "ast_to_cnn": ("#ef8636", "-"),

@@ -25,9 +25,8 @@ from study.results import (
     vs_baseline,
 )
 from study.runs import Group, fmt_time
-from study.setup import ALL, CELLS, CORE, DATASETS, MODEL, REPO, SIZES, TAU_HIGH
+from study.setup import ALL, CELLS, CORE, DATASETS, MODEL, NAMES, REPO, SIZES, TAU_HIGH
 
-NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 TAU_STAGES = [s for s in ALL if s not in CORE]
 
 

@@ -151,21 +151,22 @@ class Diff:
         se_txt = f"± {100 * se:.1f} SE" if self.n > 1 else "(1 run, no SE)"
         return f"{100 * m:+.1f} pp {se_txt}, {self.n} paired run{'s' if self.n != 1 else ''}, {better} better"
 
-    def _half(self) -> float | None:
-        """The 95 % confidence interval's half width (Student's t, n − 1 degrees of freedom), or None."""
+    def _interval(self) -> tuple[float, float | None]:
+        """The mean and its 95 % confidence interval's half width (Student's t, n − 1 degrees of
+        freedom; None with too few runs)."""
         m, se = stats.mean_se(self.diffs)
-        return None if self.n < 2 or se != se else stats.t95(self.n - 1) * se
+        return m, (None if self.n < 2 or se != se else stats.t95(self.n - 1) * se)
 
     def direction(self) -> str:
         """'a gain' / 'a loss' where the 95 % confidence interval excludes 0, else what it cannot tell."""
-        half, m = self._half(), stats.mean_se(self.diffs)[0]
+        m, half = self._interval()
         if half is None:
             return "too few runs to tell"
         return "no resolved difference" if abs(m) <= half else ("a gain" if m > 0 else "a loss")
 
     def resolved(self) -> str:
         """Whether the 95 % confidence interval of the mean excludes 0, and which way."""
-        half, m = self._half(), stats.mean_se(self.diffs)[0]
+        m, half = self._interval()
         if half is None:
             return "too few runs to tell"
         if abs(m) <= half:

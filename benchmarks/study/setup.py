@@ -27,6 +27,7 @@ CORE = ["cnn", "ast", "cnn_to_ast", "ast_to_cnn", "cnn_to_cnn"]  # the grid's fi
 ALL = list(CELLS)  # the τ pass adds the τ stages to a finished core group (its teachers are reused)
 BASELINE = {"CNN": "cnn", "AST": "ast"}
 DATASETS = ["esc10", "fsdd"]  # in the order the report shows them
+NAMES = {"esc10": "ESC-10", "fsdd": "FSDD"}
 ESC_FOLDS = [1, 2, 3, 4, 5]
 FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 # Speaker-disjoint 3-fold CV on FSDD: each pair held out in turn, the other four train.
